@@ -1,1 +1,81 @@
-// placeholder: being written
+#include "kernels/cuda/device.h"
+
+#include "core/error.h"
+
+namespace qlora {
+
+namespace {
+
+// Does nothing; asking the runtime for its attributes tells whether this
+// binary holds code (SASS or PTX) that the device can run.
+__global__ void probe_kernel() {}
+
+}  // namespace
+
+void cuda_check(cudaError_t err, const char* expr, const char* file, int line) {
+  if (err == cudaSuccess) return;
+  fail(file, ":", line, ": ", expr, " failed: ", cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
+}
+
+void cuda_buffer_overflow(const char* what, size_t n, size_t size) {
+  fail("DeviceBuffer ", what, " of ", n, " elements exceeds its size of ", size, " elements");
+}
+
+std::optional<std::string> cuda_unavailable_reason() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the (non-sticky) error for later calls
+    return str("no CUDA device found (cudaGetDeviceCount: ", cudaGetErrorString(err), ")");
+  }
+  if (count <= 0) return std::string("no CUDA device found (cudaGetDeviceCount: 0 devices)");
+
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return str("CUDA device unusable (cudaGetDevice: ", cudaGetErrorString(e), ")");
+  }
+  cudaDeviceProp prop{};
+  if (const cudaError_t e = cudaGetDeviceProperties(&prop, device); e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return str("CUDA device ", device, " unusable (cudaGetDeviceProperties: ", cudaGetErrorString(e), ")");
+  }
+  // Creates the context and looks for an image of our kernels for this
+  // architecture (the build targets QLORA_CUDA_ARCHS, 8.0+ by default).
+  cudaFuncAttributes attr{};
+  if (const cudaError_t e = cudaFuncGetAttributes(&attr, probe_kernel); e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return str("CUDA device ", device, " (", prop.name, ", compute capability ", prop.major, ".", prop.minor,
+               ") cannot run qlora's kernels: ", cudaGetErrorString(e));
+  }
+  return std::nullopt;
+}
+
+CudaDeviceInfo cuda_device_info(int device) {
+  int count = 0;
+  QLORA_CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (device < 0 || device >= count)
+    fail("CUDA device ", device, " does not exist (", count, " device", count == 1 ? "" : "s", " found)");
+
+  cudaDeviceProp prop{};
+  QLORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  CudaDeviceInfo info;
+  info.name = prop.name;
+  info.cc_major = prop.major;
+  info.cc_minor = prop.minor;
+  info.sm_count = prop.multiProcessorCount;
+  info.total_bytes = prop.totalGlobalMem;
+
+  // cudaMemGetInfo reports on the current device: switch to `device` and back.
+  int previous = 0;
+  QLORA_CUDA_CHECK(cudaGetDevice(&previous));
+  if (previous != device) QLORA_CUDA_CHECK(cudaSetDevice(device));
+  size_t free_bytes = 0, total_bytes = 0;
+  const cudaError_t err = cudaMemGetInfo(&free_bytes, &total_bytes);
+  if (previous != device) QLORA_CUDA_CHECK(cudaSetDevice(previous));
+  cuda_check(err, "cudaMemGetInfo(&free_bytes, &total_bytes)", __FILE__, __LINE__);
+  info.free_bytes = free_bytes;
+  return info;
+}
+
+}  // namespace qlora

@@ -40,6 +40,14 @@ void AtomicFile::write(const void* data, size_t n) {
   written_ += n;
 }
 
+void AtomicFile::overwrite(uint64_t offset, const void* data, size_t n) {
+  if (!f_) fail(dest_.string(), ": write after commit");
+  if (offset + n > written_) fail(dest_.string(), ": overwrite past the end of what was written");
+  const bool ok = std::fseek(f_, long(offset), SEEK_SET) == 0 && std::fwrite(data, 1, n, f_) == n &&
+                  std::fseek(f_, 0, SEEK_END) == 0;
+  if (!ok) fail(dest_.string(), ": write failed: ", std::strerror(errno));
+}
+
 void AtomicFile::commit() {
   if (!f_) fail(dest_.string(), ": committed twice");
   const bool ok = std::fflush(f_) == 0 && ::fsync(::fileno(f_)) == 0;

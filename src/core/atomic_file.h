@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <string_view>
@@ -24,6 +25,9 @@ class AtomicFile {
   void write(const void* data, size_t n);
   void write(std::string_view s) { write(s.data(), s.size()); }
   size_t bytes_written() const { return written_; }
+  // Rewrites already written bytes at `offset` (a header reserved earlier);
+  // later write()s still append at the end.
+  void overwrite(uint64_t offset, const void* data, size_t n);
   // Flushes, fsyncs and renames onto dest (replacing it).
   void commit();
 

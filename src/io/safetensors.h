@@ -47,7 +47,7 @@ class SafetensorsFile {
   explicit SafetensorsFile(const std::filesystem::path& path);
 
   const std::filesystem::path& path() const { return map_.path(); }
-  // In header order as written by the producer (sorted by name in the JSON).
+  // In file order: sorted by begin offset (the JSON itself is usually sorted by name).
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find(std::string_view name) const;  // nullptr if absent
   std::span<const uint8_t> data(const TensorInfo& t) const;
@@ -100,6 +100,12 @@ struct TensorSpec {
   Shape shape;
   uint64_t nbytes() const { return uint64_t(shape_numel(shape)) * dtype_size(dtype); }
 };
+
+// The JSON header of a file holding `specs` contiguously in that order (data
+// offsets from 0), with "__metadata__" if metadata is non-empty; unpadded.
+// Throws qlora::Error for a duplicate or reserved name or an invalid shape.
+std::string safetensors_header_json(const std::vector<TensorSpec>& specs,
+                                    const std::map<std::string, std::string>& metadata = {});
 
 class AtomicFile;
 

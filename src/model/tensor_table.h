@@ -55,6 +55,9 @@ struct TensorCheck {
     Shape expected, actual;
   };
   std::vector<WrongShape> wrong_shape;
+  // Parallel to `missing` (filled by check_tensors): the expected shape as
+  // "[I, C] = [11008, 4096]", for report(). May be left empty.
+  std::vector<std::string> missing_expected;
   bool ok() const { return missing.empty() && unexpected.empty() && wrong_shape.empty(); }
   // Multi-line human report listing every problem by name (at most `limit` per category).
   std::string report(size_t limit = 20) const;
