@@ -9,8 +9,9 @@
 //    neighbouring codes; every comparison is a strict ">", so a value exactly on
 //    a pivot rounds to the LOWER code (the tie rule);
 //  - FP4 encodes the sign separately (x < 0) and rounds |x| with its own tree;
-//  - NaN (an all-zero block: 0 * (1/0)) fails every comparison and becomes
-//    code 0 in both books, which dequantizes to (+-)0 * absmax = 0.
+//  - NaN fails every comparison and becomes code 0 in both books. In an
+//    all-zero block (0 * (1/0) = NaN) that decodes to -1 * 0 = -0 (NF4) or
+//    0 (FP4); a NaN weight in a normal block decodes to -absmax (NF4).
 // This header is C++17 and host/device so that nvcc can include it.
 #pragma once
 
