@@ -7,6 +7,8 @@
 
 namespace qlora::cli {
 
+namespace {
+
 Runner add_inspect(CLI::App& app) {
   auto* cmd = app.add_subcommand("inspect", "Show the architecture, tensors and quantization of a model or file");
   struct Args {
@@ -23,5 +25,9 @@ Runner add_inspect(CLI::App& app) {
     return 0;
   };
 }
+
+const CommandRegistration kRegistered(30, add_inspect);
+
+}  // namespace
 
 }  // namespace qlora::cli

@@ -31,6 +31,8 @@ uint64_t parse_size(const std::string& s) {
 
 }  // namespace
 
+namespace {
+
 Runner add_quantize(CLI::App& app) {
   auto* cmd = app.add_subcommand("quantize", "Quantize an HF model folder to the bitsandbytes 4-bit layout");
   struct Args {
@@ -70,5 +72,9 @@ Runner add_quantize(CLI::App& app) {
     return 0;
   };
 }
+
+const CommandRegistration kRegistered(20, add_quantize);
+
+}  // namespace
 
 }  // namespace qlora::cli

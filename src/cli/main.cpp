@@ -6,16 +6,26 @@
 #include <exception>
 #include <map>
 #include <new>
+#include <algorithm>
 
 #include "cli/commands.h"
 #include "core/error.h"
+
+namespace qlora::cli {
+std::vector<std::pair<int, AddCommand>>& command_registry() {
+  static std::vector<std::pair<int, AddCommand>> r;  // function-local: safe during static init
+  return r;
+}
+}  // namespace qlora::cli
 
 int main(int argc, char** argv) {
   CLI::App app{"qlora: fine-tune open LLMs with QLoRA (4-bit NF4 base + LoRA adapters) on one GPU"};
   app.set_version_flag("--version", "qlora 0.1.0");
   app.require_subcommand(1);
   std::map<CLI::App*, qlora::cli::Runner> runners;
-  for (auto add : {qlora::cli::add_quantize, qlora::cli::add_inspect}) {
+  auto registry = qlora::cli::command_registry();
+  std::sort(registry.begin(), registry.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& [order, add] : registry) {
     const size_t before = app.get_subcommands({}).size();
     qlora::cli::Runner r = add(app);
     runners[app.get_subcommands({}).at(before)] = std::move(r);
