@@ -175,7 +175,9 @@ void pipeline_table(double gb) {
   std::printf("\n## `qlora quantize` end to end (generated BF16 Llama-shaped folder)\n\n");
   std::printf("| input | output | bits/param | seconds | GB/s of input | peak RSS | peak RSS / input |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
-  const double rss = double(after.ru_maxrss) * 1024;  // includes the mapped input pages read
+  // Includes the mapped input pages still resident (quantize_model drops each
+  // tensor's pages when done with it).
+  const double rss = double(after.ru_maxrss) * 1024;
   std::printf("| %.2f GB | %.2f GB | %.3f | %.2f | %.2f | %.0f MiB | %.2f |\n", double(r.input_bytes) / 1e9,
               double(r.output_bytes) / 1e9, r.bits_per_param(), r.seconds, double(r.input_bytes) / 1e9 / r.seconds,
               rss / 1048576, rss / double(r.input_bytes));
@@ -193,11 +195,11 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--model-gb") == 0) model_gb = std::atof(argv[i + 1]);
   }
   std::printf("# bench_quantize\n");
+  pipeline_table(model_gb);  // first: peak RSS is a lifetime maximum
   throughput_table();
   error_table("Gaussian N(0, 1)", gaussian(size_t(1) << 22, 1.0f, 7));
   const auto fx = fixture_linear_weights(fixtures);
   if (fx.empty()) std::printf("\n(fixture model not found under %s: skipping its error table)\n", fixtures.c_str());
   else error_table("stories260K linear weights", fx);
-  pipeline_table(model_gb);
   return 0;
 }

@@ -60,14 +60,63 @@ void quantize4_ref(const float* x, int64_t n, int64_t block, Quant4Type t, uint8
   quantize4_range(x, n, 0, n, block, t, codes, absmax);
 }
 
+// The fast path counts pivots instead of walking the tree: the tree is a
+// binary search with strict ">" over sorted pivots, so its code equals the
+// number of pivots strictly below x (and NaN, below none, gives 0 as the tree
+// does). Counting is branch-free and vectorizes; the tree mispredicts on
+// every other value. One block at a time through a small scaled buffer.
+namespace {
+
+constexpr int64_t kMaxBlock = 4096;
+
+void quantize4_block_fast(const float* x, int64_t len, Quant4Type t, uint8_t* codes, float* absmax) {
+  // (m < a ? a : m) skips NaN exactly as fmaxf does (the accumulator is never
+  // NaN), and unlike std::fmax it vectorizes to maxps.
+  float amax = 0.0f;
+  for (int64_t i = 0; i < len; ++i) {
+    const float a = std::fabs(x[i]);
+    amax = amax < a ? a : amax;
+  }
+  *absmax = amax;
+  const float inv = 1.0f / amax;
+  // int32 counters: a float compare yields a 32-bit lane mask, so counting in
+  // 32-bit lanes vectorizes without repacking (measured 1.3x over uint8).
+  alignas(64) float s[kMaxBlock + 1];
+  alignas(64) int32_t q[kMaxBlock + 1];
+  const int64_t padded = len + (len & 1);
+  for (int64_t i = 0; i < len; ++i) s[i] = x[i] * inv;
+  if (padded != len) s[len] = 0.0f * inv;  // bitsandbytes' zero padding
+  if (t == Quant4Type::NF4) {
+    for (int64_t i = 0; i < padded; ++i) q[i] = 0;
+    for (int p = 0; p < 15; ++p) {
+      const float piv = nf4_pivot(p);
+      for (int64_t i = 0; i < padded; ++i) q[i] += s[i] > piv ? 1 : 0;
+    }
+  } else {
+    alignas(64) int32_t rank[kMaxBlock + 1];
+    for (int64_t i = 0; i < padded; ++i) rank[i] = 0;
+    alignas(64) float mag[kMaxBlock + 1];
+    for (int64_t i = 0; i < padded; ++i) mag[i] = std::fabs(s[i]);
+    for (int p = 0; p < 7; ++p) {
+      const float piv = fp4_pivot(p);
+      for (int64_t i = 0; i < padded; ++i) rank[i] += mag[i] > piv ? 1 : 0;
+    }
+    for (int64_t i = 0; i < padded; ++i)
+      q[i] = fp4_magnitude_bits(rank[i]) + (s[i] < 0 ? 0b1000 : 0);
+  }
+  for (int64_t i = 0; i < padded; i += 2) codes[i / 2] = quant4_pack(uint8_t(q[i]), uint8_t(q[i + 1]));
+}
+
+}  // namespace
+
 void quantize4(const float* x, int64_t n, int64_t block, Quant4Type t, uint8_t* codes, float* absmax) {
   check_block(block);
-  // Chunks of whole blocks per task: ~64K values amortize the scheduling.
-  const int64_t chunk = std::max<int64_t>(block, (65536 / block) * block);
-  const int64_t nchunks = (n + chunk - 1) / chunk;
+  const int64_t nblocks = quant4_num_blocks(n, block);
 #pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < nchunks; ++c)
-    quantize4_range(x, n, c * chunk, std::min(n, (c + 1) * chunk), block, t, codes, absmax);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t b0 = b * block;
+    quantize4_block_fast(x + b0, std::min(block, n - b0), t, codes + b0 / 2, absmax + b);
+  }
 }
 
 void dequantize4_ref(const uint8_t* codes, const float* absmax, int64_t n, int64_t block, Quant4Type t,

@@ -72,37 +72,61 @@ QLORA_HD float quant4_code_value(Quant4Type t, uint8_t code) {
   return t == Quant4Type::NF4 ? nf4_code_value(code) : fp4_code_value(code);
 }
 
-// x is already scaled into [-1, 1]. Pivots are the midpoints between codes.
-QLORA_HD uint8_t nf4_quantize_scaled(float x) {
-  if (x > 0.03979014977812767f) {
-    if (x > 0.3893125355243683f) {
-      if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 0b1111 : 0b1110;
-      return x > 0.5016634166240692f ? 0b1101 : 0b1100;
-    }
-    if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 0b1011 : 0b1010;
-    return x > 0.1202552504837513f ? 0b1001 : 0b1000;
-  }
-  if (x > -0.33967943489551544f) {
-    if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 0b0111 : 0b0110;
-    return x > -0.23460740596055984f ? 0b0101 : 0b0100;
-  }
-  if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 0b0011 : 0b0010;
-  return x > -0.8480964004993439f ? 0b0001 : 0b0000;
+// The pivots of bitsandbytes' rounding trees: midpoints between neighbouring
+// codes, as the float literals of its kernels. NF4 pivot i separates codes i
+// and i+1; FP4 pivot i separates the i-th and (i+1)-th smallest magnitudes.
+QLORA_HD float nf4_pivot(int i) {
+  constexpr float kPivots[15] = {
+      -0.8480964004993439f, -0.6106329262256622f,  -0.4599952697753906f, -0.33967943489551544f,
+      -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+      0.1202552504837513f,  0.2035212516784668f,   0.2920137718319893f,  0.3893125355243683f,
+      0.5016634166240692f,  0.6427869200706482f,   0.8614784181118011f,
+  };
+  return kPivots[i];
+}
+QLORA_HD float fp4_pivot(int i) {
+  constexpr float kPivots[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f};
+  return kPivots[i];
+}
+// FP4 magnitudes in increasing order -> their 3-bit patterns.
+QLORA_HD uint8_t fp4_magnitude_bits(int rank) {
+  constexpr uint8_t kBits[8] = {0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011};
+  return kBits[rank];
 }
 
+// x is already scaled into [-1, 1]. A binary search over the pivots with a
+// strict ">" at every step, exactly as bitsandbytes' dQuantizeNF4 tree.
+QLORA_HD uint8_t nf4_quantize_scaled(float x) {
+  if (x > nf4_pivot(7)) {
+    if (x > nf4_pivot(11)) {
+      if (x > nf4_pivot(13)) return x > nf4_pivot(14) ? 0b1111 : 0b1110;
+      return x > nf4_pivot(12) ? 0b1101 : 0b1100;
+    }
+    if (x > nf4_pivot(9)) return x > nf4_pivot(10) ? 0b1011 : 0b1010;
+    return x > nf4_pivot(8) ? 0b1001 : 0b1000;
+  }
+  if (x > nf4_pivot(3)) {
+    if (x > nf4_pivot(5)) return x > nf4_pivot(6) ? 0b0111 : 0b0110;
+    return x > nf4_pivot(4) ? 0b0101 : 0b0100;
+  }
+  if (x > nf4_pivot(1)) return x > nf4_pivot(2) ? 0b0011 : 0b0010;
+  return x > nf4_pivot(0) ? 0b0001 : 0b0000;
+}
+
+// bitsandbytes' dQuantizeFP4: the sign from x < 0, the magnitude by its tree.
 QLORA_HD uint8_t fp4_quantize_scaled(float x) {
   const uint8_t sign = x < 0 ? 0b1000 : 0b0000;
   const float a = x < 0 ? -x : x;  // fabsf; NaN stays NaN and fails every ">" below
-  uint8_t m;
-  if (a > 0.29166667f) {
-    if (a > 0.583333f) m = a > 0.8333333f ? 0b011 : 0b010;
-    else m = a > 0.4166667f ? 0b101 : 0b100;
-  } else if (a > 0.0859375f) {
-    m = a > 0.20833333f ? 0b111 : 0b110;
+  int rank;
+  if (a > fp4_pivot(3)) {
+    if (a > fp4_pivot(5)) rank = a > fp4_pivot(6) ? 7 : 6;
+    else rank = a > fp4_pivot(4) ? 5 : 4;
+  } else if (a > fp4_pivot(1)) {
+    rank = a > fp4_pivot(2) ? 3 : 2;
   } else {
-    m = a > 0.00260417f ? 0b001 : 0b000;
+    rank = a > fp4_pivot(0) ? 1 : 0;
   }
-  return uint8_t(m + sign);
+  return uint8_t(fp4_magnitude_bits(rank) + sign);
 }
 
 QLORA_HD uint8_t quant4_quantize_scaled(Quant4Type t, float x) {

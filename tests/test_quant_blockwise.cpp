@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
+#include "core/dtype.h"
 #include "quant/blockwise.h"
 #include "quant/dynamic_map.h"
 
@@ -61,6 +63,30 @@ TEST(QuantBlockwise, FastPathEqualsReferenceBitForBit) {
     dequantize4_ref(c_ref.data(), a_ref.data(), c.n, c.block, c.type, d_ref.data());
     dequantize4(c_ref.data(), a_ref.data(), c.n, c.block, c.type, d_fast.data());
     ASSERT_EQ(d_ref, d_fast);
+  }
+}
+
+// NaN, infinities, -0, subnormals and all-zero blocks take the same path
+// through the counting fast path as through the reference tree.
+TEST(QuantBlockwise, FastPathEqualsReferenceOnSpecialValues) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> x = gaussian(64 * 8 + 3, 1.0f, 5);
+  x[3] = nan;                                              // block 0: one NaN
+  x[64 + 5] = inf;                                         // block 1: +inf absmax
+  x[128 + 7] = -inf;                                       // block 2: -inf
+  for (int i = 192; i < 256; ++i) x[size_t(i)] = 0.0f;     // block 3: all zero
+  for (int i = 256; i < 320; ++i) x[size_t(i)] = -0.0f;    // block 4: all -0
+  for (int i = 320; i < 384; ++i) x[size_t(i)] = 1e-40f;   // block 5: subnormal
+  for (int i = 384; i < 448; ++i) x[size_t(i)] = nan;      // block 6: all NaN
+  const auto n = int64_t(x.size());
+  for (Quant4Type t : {Quant4Type::NF4, Quant4Type::FP4}) {
+    std::vector<uint8_t> c_ref(size_t(quant4_code_bytes(n))), c_fast(c_ref.size());
+    std::vector<float> a_ref(size_t(quant4_num_blocks(n, 64))), a_fast(a_ref.size());
+    quantize4_ref(x.data(), n, 64, t, c_ref.data(), a_ref.data());
+    quantize4(x.data(), n, 64, t, c_fast.data(), a_fast.data());
+    EXPECT_EQ(c_ref, c_fast) << quant4_name(t);
+    for (size_t b = 0; b < a_ref.size(); ++b)
+      EXPECT_EQ(f32_bits(a_ref[b]), f32_bits(a_fast[b])) << quant4_name(t) << " block " << b;
   }
 }
 

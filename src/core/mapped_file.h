@@ -21,6 +21,10 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
 
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
+  // Drops the pages of a sub-range from this process (they stay in the page
+  // cache and are read back if touched again): a stream over a file larger
+  // than memory keeps its resident set to what it is working on.
+  void release(std::span<const uint8_t> range) const;
   const std::filesystem::path& path() const { return path_; }
   size_t size() const { return size_; }
 

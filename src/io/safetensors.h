@@ -51,6 +51,8 @@ class SafetensorsFile {
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find(std::string_view name) const;  // nullptr if absent
   std::span<const uint8_t> data(const TensorInfo& t) const;
+  // Done with a tensor: drop its pages from this process (MappedFile::release).
+  void release(const TensorInfo& t) const { map_.release(data(t)); }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   uint64_t file_size() const { return map_.size(); }
 

@@ -274,6 +274,7 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
     for (const PlannedTensor& t : shards[si].tensors) {
       if (t.quantize) write_quantized(w, t, opt, buf, progressed);
       else write_kept(w, t, buf, progressed);
+      t.src->file->release(*t.src->info);
     }
     rep.output_bytes += w.commit();
   }
