@@ -99,3 +99,31 @@ TEST(Cli, BadInputGivesAMessageAndNonZeroExitNeverACrash) {
 
 }  // namespace
 }  // namespace qlora
+
+namespace qlora {
+namespace {
+
+// A write that fails half way (here: the file size limit, the same short-write
+// path as a full disk) names the file and the cause and leaves no output.
+TEST(Cli, FailedWriteLeavesNothingBehind) {
+  ScratchDir d;
+  const fs::path out = d / "out";
+  // 64 KiB file size limit; SIGXFSZ ignored so the write fails with EFBIG.
+  const CliRun r = run("quantize builtin:tiny -o '" + out.string() + "'", d.path());
+  ASSERT_EQ(r.code, 0) << "warm-up to materialize builtin:tiny: " << r.err;
+  const std::string cmd = "cd '" + d.path().string() + "' && ulimit -f 64 && trap '' XFSZ && QLORA_CACHE='" +
+                          (d / "cache").string() + "' '" + QLORA_BINARY + "' quantize builtin:tiny -o '" +
+                          (d / "out2").string() + "' 2>'" + (d / "err2.txt").string() + "'";
+  const int status = std::system(("sh -c \"" + cmd + "\"").c_str());
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  const std::string err = testing::read_bytes(d / "err2.txt");
+  EXPECT_NE(err.find("model.safetensors"), std::string::npos) << err;
+  EXPECT_NE(err.find("too large"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(d / "out2"));
+  for (const auto& e : fs::directory_iterator(d.path()))
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+}
+
+}  // namespace
+}  // namespace qlora

@@ -53,6 +53,7 @@ class SafetensorsFile {
   std::span<const uint8_t> data(const TensorInfo& t) const;
   // Done with a tensor: drop its pages from this process (MappedFile::release).
   void release(const TensorInfo& t) const { map_.release(data(t)); }
+  void release(std::span<const uint8_t> bytes) const { map_.release(bytes); }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   uint64_t file_size() const { return map_.size(); }
 

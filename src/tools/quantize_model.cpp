@@ -129,6 +129,7 @@ void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptio
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
     to_f32(src, dt, c, c + len, buf.data());
+    t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
     codes.resize(size_t(quant4_code_bytes(len)));
     quantize4(buf.data(), len, opt.block, opt.type, codes.data(), q.absmax.data() + c / opt.block);
     w.write(codes.data(), codes.size());
@@ -150,8 +151,13 @@ void write_kept(ShardWriter& w, const PlannedTensor& t, std::vector<float>& buf,
   const auto src = t.src->file->data(*t.src->info);
   const DType dt = t.src->info->dtype;
   if (dt == DType::BF16) {  // already in the output dtype: straight from the mapping
-    w.write(src.data(), src.size());
-    progressed(src.size());
+    const size_t step = size_t(kChunk) * 2;
+    for (size_t off = 0; off < src.size(); off += step) {
+      const auto piece = src.subspan(off, std::min(step, src.size() - off));
+      w.write(piece.data(), piece.size());
+      t.src->file->release(piece);
+      progressed(piece.size());
+    }
     return;
   }
   const int64_t n = shape_numel(t.slot->shape);
@@ -159,6 +165,7 @@ void write_kept(ShardWriter& w, const PlannedTensor& t, std::vector<float>& buf,
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
     to_f32(src, dt, c, c + len, buf.data());
+    t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
     out.resize(size_t(len));
     convert_from_f32(buf.data(), size_t(len), DType::BF16, out.data());
     w.write(out.data(), out.size() * 2);
@@ -274,7 +281,6 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
     for (const PlannedTensor& t : shards[si].tensors) {
       if (t.quantize) write_quantized(w, t, opt, buf, progressed);
       else write_kept(w, t, buf, progressed);
-      t.src->file->release(*t.src->info);
     }
     rep.output_bytes += w.commit();
   }
