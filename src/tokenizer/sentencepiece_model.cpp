@@ -1,0 +1,106 @@
+// tokenizer.model through libsentencepiece, for folders without a
+// tokenizer.json (original Llama 2 / Mistral releases).
+//
+// SentencePiece itself treats control pieces such as "<s>" in the text as
+// plain characters; to honour the Tokenizer contract (special tokens in the
+// text are matched, never split) the text is first cut at control and unknown
+// pieces and each remaining part is encoded on its own, which is what HF's
+// slow LlamaTokenizer does too.
+#include <sentencepiece_processor.h>
+
+#include "core/error.h"
+#include "tokenizer/added_tokens.h"
+#include "tokenizer/loaders.h"
+
+namespace qlora::tok {
+
+namespace {
+
+class SpmTokenizer final : public Tokenizer {
+ public:
+  SpmTokenizer(const std::filesystem::path& file, TokenizerConfig cfg) : cfg_(std::move(cfg)) {
+    const auto st = sp_.Load(file.string());
+    if (!st.ok()) fail(file.string(), ": cannot load SentencePiece model: ", st.ToString());
+    for (int id = 0; id < sp_.GetPieceSize(); ++id) {
+      if (!sp_.IsControl(id) && !sp_.IsUnknown(id)) continue;
+      AddedToken t;
+      t.id = id;
+      t.special = true;
+      specials_.add(sp_.IdToPiece(id), t);
+    }
+    if (cfg_.bos_token) bos_ = token_id(*cfg_.bos_token);
+    if (!bos_ && sp_.bos_id() >= 0) bos_ = sp_.bos_id();
+    if (cfg_.eos_token) eos_ = token_id(*cfg_.eos_token);
+    if (!eos_ && sp_.eos_id() >= 0) eos_ = sp_.eos_id();
+  }
+
+  std::vector<TokenId> encode(std::string_view text, bool add_special) const override {
+    std::vector<TokenId> out;
+    if (add_special && cfg_.add_bos_token.value_or(true) && bos_) out.push_back(*bos_);
+    std::vector<Segment> segs;
+    specials_.split(text, 0, text.size(), segs);
+    for (const auto& s : segs) {
+      if (s.id >= 0) {
+        out.push_back(s.id);
+        continue;
+      }
+      const auto ids = sp_.EncodeAsIds(text.substr(s.begin, s.end - s.begin));
+      out.insert(out.end(), ids.begin(), ids.end());
+    }
+    if (add_special && cfg_.add_eos_token.value_or(false) && eos_) out.push_back(*eos_);
+    return out;
+  }
+
+  std::string decode(const std::vector<TokenId>& ids, bool skip_special) const override {
+    std::string out;
+    std::vector<int> run;
+    const auto flush = [&] {
+      if (!run.empty()) out += sp_.DecodeIds(run);
+      run.clear();
+    };
+    for (TokenId id : ids) {
+      if (id < 0 || id >= sp_.GetPieceSize()) continue;  // unknown ids are skipped, as HF does
+      if (!is_special(id)) {
+        run.push_back(id);
+        continue;
+      }
+      flush();
+      if (!skip_special) out += sp_.IdToPiece(id);
+    }
+    flush();
+    return out;
+  }
+
+  std::string piece(TokenId id) const override {
+    if (id < 0 || id >= sp_.GetPieceSize()) return {};
+    return sp_.IdToPiece(id);
+  }
+  std::optional<TokenId> token_id(std::string_view p) const override {
+    const int id = sp_.PieceToId(p);
+    if (id < 0 || sp_.IdToPiece(id) != p) return std::nullopt;
+    return id;
+  }
+  int64_t vocab_size() const override { return sp_.GetPieceSize(); }
+  std::optional<TokenId> bos_id() const override { return bos_; }
+  std::optional<TokenId> eos_id() const override { return eos_; }
+  bool is_special(TokenId id) const override {
+    return id >= 0 && id < sp_.GetPieceSize() && (sp_.IsControl(id) || sp_.IsUnknown(id));
+  }
+  std::optional<std::string> chat_template() const override { return cfg_.chat_template; }
+
+ private:
+  TokenizerConfig cfg_;
+  sentencepiece::SentencePieceProcessor sp_;
+  AddedTokenMatcher specials_;
+  std::optional<TokenId> bos_, eos_;
+};
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& file, TokenizerConfig config) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(file, ec)) fail(file.string(), ": no such tokenizer file");
+  return std::make_unique<SpmTokenizer>(file, std::move(config));
+}
+
+}  // namespace qlora::tok
