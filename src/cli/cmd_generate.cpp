@@ -1,0 +1,102 @@
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "model/builtin.h"
+#include "model/llama_generate.h"
+#include "tokenizer/tokenizer.h"
+
+namespace qlora::cli {
+
+namespace {
+
+std::vector<int32_t> parse_ids(const std::string& s) {
+  std::istringstream is(s);
+  std::vector<int32_t> ids;
+  std::string tok;
+  while (is >> tok) {
+    try {
+      size_t used = 0;
+      const long v = std::stol(tok, &used);
+      if (used != tok.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(tok);
+      ids.push_back(int32_t(v));
+    } catch (const std::exception&) {
+      fail("--prompt-ids: \"", tok, "\" is not a token id");
+    }
+  }
+  if (ids.empty()) fail("--prompt-ids: no ids given");
+  return ids;
+}
+
+Runner add_generate(CLI::App& app) {
+  auto* cmd = app.add_subcommand("generate", "Generate text from a model (+ LoRA adapter) on the CPU, with a KV cache");
+  struct Args {
+    std::string model, adapter, prompt, prompt_ids;
+    int64_t max_new = 64;
+    float temperature = 0.0f, top_p = 1.0f;
+    uint64_t seed = 0;
+    bool dense = false, ignore_eos = false;
+  };
+  auto a = std::make_shared<Args>();
+  cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, or builtin:tiny")->required();
+  cmd->add_option("--adapter", a->adapter, "PEFT adapter folder (adapter_config.json + adapter_model.safetensors)");
+  auto* p = cmd->add_option("--prompt", a->prompt, "Prompt text (needs the model's tokenizer)");
+  auto* pi = cmd->add_option("--prompt-ids", a->prompt_ids, "Prompt as token ids, e.g. \"1 2 3\"");
+  p->excludes(pi);
+  cmd->add_option("--max-new-tokens", a->max_new, "Tokens to generate")->check(CLI::PositiveNumber);
+  cmd->add_option("--temperature", a->temperature, "0 = greedy")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-p", a->top_p, "Nucleus sampling mass")->check(CLI::Range(0.0f, 1.0f));
+  cmd->add_option("--seed", a->seed, "Sampling seed");
+  cmd->add_flag("--dense", a->dense, "Keep the base weights fp32 instead of NF4");
+  cmd->add_flag("--ignore-eos", a->ignore_eos, "Do not stop at the end-of-sequence token");
+  return [a]() {
+    if (a->prompt.empty() && a->prompt_ids.empty()) fail("give --prompt or --prompt-ids");
+    const auto dir = resolve_model_path(a->model);
+    WeightLoadOptions opt;
+    opt.quantize = !a->dense;
+    const LlamaWeights w = load_llama_weights(dir, opt);
+    std::unique_ptr<LoraWeights> lora;
+    if (!a->adapter.empty()) lora = std::make_unique<LoraWeights>(LoraWeights::load_peft(a->adapter, w.cfg));
+    // The tokenizer is needed for --prompt; otherwise it only decodes, if present.
+    std::unique_ptr<Tokenizer> tok;
+    try {
+      tok = Tokenizer::load(dir);
+    } catch (const Error&) {
+      if (!a->prompt.empty()) throw;
+    }
+    const std::vector<int32_t> prompt = a->prompt.empty() ? parse_ids(a->prompt_ids) : tok->encode(a->prompt, true);
+    const int64_t total = int64_t(prompt.size()) + a->max_new;
+    if (total > w.cfg.max_position_embeddings)
+      fail("prompt (", prompt.size(), " tokens) + --max-new-tokens ", a->max_new, " exceeds the model's ",
+           w.cfg.max_position_embeddings, " positions (", dir.string(), "/config.json)");
+    LlamaGenerator gen(w, lora.get(), total);
+    std::vector<float> logits(size_t(w.cfg.vocab_size));
+    gen.feed(prompt.data(), int64_t(prompt.size()), logits.data());
+    std::mt19937_64 rng(a->seed);
+    std::vector<int32_t> out;
+    const auto& eos = w.cfg.eos_token_ids;
+    for (int64_t s = 0; s < a->max_new; ++s) {
+      const int32_t id = sample_token(logits.data(), w.cfg.vocab_size, {a->temperature, a->top_p}, rng);
+      out.push_back(id);
+      if (!a->ignore_eos && std::find(eos.begin(), eos.end(), id) != eos.end()) break;
+      if (s + 1 < a->max_new) gen.feed(&id, 1, logits.data());
+    }
+    std::string ids;
+    for (int32_t id : out) ids += (ids.empty() ? "" : " ") + std::to_string(id);
+    std::printf("ids: %s\n", ids.c_str());
+    if (tok) std::printf("%s\n", tok->decode(out, true).c_str());
+    return 0;
+  };
+}
+
+const CommandRegistration kRegistered(50, add_generate);
+
+}  // namespace
+
+}  // namespace qlora::cli

@@ -1,0 +1,93 @@
+// The Llama-family model over frozen (NF4 or dense) base weights with LoRA
+// adapters: forward with chunked cross entropy, backward into the LoRA
+// gradients only, per-layer activation checkpointing. Written as a flat list
+// of op calls (kernels/ops.h); backward mirrors forward in reverse.
+//
+// Memory: every activation and scratch buffer of a step lives in one arena
+// sized for (B, T) in the constructor; forward and backward allocate nothing.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/arena.h"
+#include "kernels/ops.h"
+#include "model/lora.h"
+#include "model/weights.h"
+
+namespace qlora {
+
+// One micro-batch. tokens, targets, positions are (B,T). positions restart at
+// 0 at each packed document (HF position_ids); they define the document
+// masks. positions == nullptr means one document per row. targets ==
+// kIgnoreIndex (-100) are not trained on.
+struct LlamaBatch {
+  const int32_t* tokens = nullptr;
+  const int32_t* targets = nullptr;
+  const int32_t* positions = nullptr;
+  int64_t B = 0, T = 0;
+};
+
+struct LlamaRunOptions {
+  bool checkpointing = false;  // keep only each layer's input; recompute it in backward
+  ops::CeChunking ce;
+};
+
+// The config's rope_theta / rope_scaling as the op's parameters.
+ops::RopeParams rope_params(const ModelConfig& c);
+
+class LlamaModel {
+ public:
+  // lora may be null (base model only; backward then has nothing to do).
+  // Sizes the activation arena for batches up to max_B x max_T.
+  LlamaModel(const LlamaWeights& w, LoraWeights* lora, int64_t max_B, int64_t max_T, LlamaRunOptions opt = {});
+
+  // Returns this micro-batch's loss contribution: sum of its target losses /
+  // n_targets_step (the number of target tokens of the whole optimizer step;
+  // <= 0 means this batch's own count). Keeps what backward needs.
+  double forward(const LlamaBatch& batch, int64_t n_targets_step = 0);
+  // Accumulates (+=) the LoRA gradients of the last forward's loss.
+  void backward();
+  // logits (B*T, V) of a batch (no loss; for tests and references).
+  void logits(float* out, const LlamaBatch& batch);
+
+  int64_t last_num_targets() const { return n_targets_; }
+  size_t activation_bytes() const { return acts_.capacity(); }
+
+ private:
+  // One layer's saved activations (all (N,...) with N = B*T).
+  struct LayerActs {
+    float *ln1, *rstd1, *q, *k, *v, *att, *lse, *xmid, *ln2, *rstd2, *gate, *up, *act;
+    float* h[kNumLoraTargets];  // LoRA hidden (N,R) per target
+  };
+  void layout(Arena& a);
+  void prepare(const LlamaBatch& batch);
+  void layer_forward(int64_t l, const float* x, float* y, LayerActs& s);
+  void layer_backward(int64_t l, const float* x, LayerActs& s);
+  void project(float* out, const float* inp, const ops::LinearWeight& w, const float* bias, int64_t l,
+               LoraTarget t, float* h);
+  void project_backward(float* dinp, bool accumulate, const float* dout, const float* inp, const ops::LinearWeight& w,
+                        int64_t l, LoraTarget t, const float* h);
+  LayerActs& acts_of(int64_t l) { return opt_.checkpointing ? layer_acts_[0] : layer_acts_[size_t(l)]; }
+  uint64_t dropout_seed(int64_t l, LoraTarget t) const;
+
+  const LlamaWeights& w_;
+  LoraWeights* lora_;
+  ModelConfig cfg_;
+  LlamaRunOptions opt_;
+  int64_t max_N_, max_B_, max_T_;
+  int64_t B_ = 0, T_ = 0, N_ = 0, n_targets_ = 0;
+  float grad_scale_ = 0.0f;
+  uint64_t step_ = 0;
+  const int32_t* targets_ = nullptr;
+
+  Arena acts_;
+  std::vector<LayerActs> layer_acts_;  // L sets, or 1 with checkpointing
+  std::vector<float*> resid_;          // L+1 layer inputs (N,C); resid_[L] is the last output
+  float *lnf_, *rstdf_, *losses_, *lse_ce_, *ce_scratch_, *tmp_, *xd_, *inv_freq_, *cos_, *sin_;
+  int32_t *pos_, *doc_start_;
+  // backward scratch
+  float *dres_, *dtmp_, *dln_, *dlin_, *dq_, *dk_, *dv_, *datt_, *dgate_, *dup_, *dact_, *dh_, *dxd_;
+};
+
+}  // namespace qlora

@@ -1,0 +1,44 @@
+// Inference with a KV cache: prefill a prompt, then one token per step.
+// Greedy at temperature 0, else softmax(logits / temperature) with top-p.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "core/arena.h"
+#include "model/lora.h"
+#include "model/weights.h"
+
+namespace qlora {
+
+class LlamaGenerator {
+ public:
+  // Cache and activations for up to max_seq tokens (prompt + generated),
+  // sized here; max_seq beyond max_position_embeddings throws.
+  LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq);
+  // Appends T tokens to the sequence and writes the logits (V) of the last one.
+  void feed(const int32_t* tokens, int64_t T, float* logits);
+  int64_t length() const { return past_; }
+  void reset() { past_ = 0; }
+
+ private:
+  void project(float* out, const float* inp, const ops::LinearWeight& w, const float* bias, int64_t l, LoraTarget t,
+               int64_t T);
+  const LlamaWeights& w_;
+  const LoraWeights* lora_;
+  ModelConfig cfg_;
+  int64_t max_seq_, past_ = 0;
+  Arena arena_;
+  float *kcache_, *vcache_;  // (L, S, KVH*D)
+  float *x_, *ln_, *q_, *k_, *v_, *att_, *tmp_, *gate_, *up_, *h_, *cos_, *sin_;
+  int32_t* pos_;
+};
+
+struct SamplingOptions {
+  float temperature = 0.0f;  // 0 = greedy (argmax, lowest id on ties)
+  float top_p = 1.0f;
+};
+int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& opt, std::mt19937_64& rng);
+
+}  // namespace qlora

@@ -1,0 +1,170 @@
+// Forward-path checks of the ops against plain definitions: the NF4 linear
+// equals a dense product over the dequantized weight (across panels), chunked
+// cross entropy equals the full softmax, cached attention equals training
+// attention, document masks hide other documents, bad ids are refused.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "kernels/ops.h"
+#include "quant/blockwise.h"
+
+namespace qlora {
+namespace {
+
+using Vec = std::vector<float>;
+
+Vec randn(int64_t n, unsigned seed, float sigma = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, sigma);
+  Vec x(static_cast<size_t>(n));
+  for (auto& v : x) v = d(rng);
+  return x;
+}
+
+// Double-precision reference dot products; the fp32 results must agree within
+// k u sum|terms| (k = IN terms per output, u = 2^-24), allowed 4x.
+TEST(OpsForward, Nf4LinearEqualsDenseOverDequantizedWeightAcrossPanels) {
+  // 300 x 4096 = 1.2M values: more than one 1M-value panel, last one short.
+  for (auto [OUT, IN, dq] : {std::tuple<int64_t, int64_t, bool>{300, 4096, true}, {7, 96, false}}) {
+    const int64_t N = 3;
+    const Vec wf = randn(OUT * IN, 1, 0.1f);
+    const Quant4Tensor q = quantize_tensor(wf.data(), {OUT, IN}, Quant4Type::NF4, 64, dq);
+    Vec deq(size_t(OUT * IN));
+    dequantize_tensor(q, deq.data());
+    const std::vector<float> scales = q.block_scales();
+    ops::LinearWeight w;
+    w.out = OUT;
+    w.in = IN;
+    w.codes = q.codes.data();
+    w.absmax = scales.data();
+    w.block = q.block;
+    const Vec x = randn(N * IN, 2), bias = randn(OUT, 3);
+    Vec y(size_t(N * OUT));
+    ops::linear_forward(y.data(), x.data(), w, bias.data(), N);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t o = 0; o < OUT; ++o) {
+        double ref = bias[o], mag = std::abs(bias[o]);
+        for (int64_t c = 0; c < IN; ++c) {
+          ref += double(x[i * IN + c]) * deq[o * IN + c];
+          mag += std::abs(double(x[i * IN + c]) * deq[o * IN + c]);
+        }
+        ASSERT_NEAR(y[i * OUT + o], ref, 4.0 * double(IN) * 5.96e-8 * mag) << "row " << i << " out " << o;
+      }
+    // Backward: dinp = dout W over the same dequantized values.
+    const Vec dout = randn(N * OUT, 4);
+    Vec dx(size_t(N * IN));
+    ops::linear_backward(dx.data(), dout.data(), w, N);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < IN; c += 37) {
+        double ref = 0, mag = 0;
+        for (int64_t o = 0; o < OUT; ++o) {
+          ref += double(dout[i * OUT + o]) * deq[o * IN + c];
+          mag += std::abs(double(dout[i * OUT + o]) * deq[o * IN + c]);
+        }
+        ASSERT_NEAR(dx[i * IN + c], ref, 4.0 * double(OUT) * 5.96e-8 * mag);
+      }
+  }
+}
+
+TEST(OpsForward, ChunkedCrossEntropyEqualsFullSoftmax) {
+  const int64_t N = 6, C = 8, V = 37;
+  const Vec x = randn(N * C, 1), W = randn(V * C, 2);
+  const std::vector<int32_t> targets = {3, ops::kIgnoreIndex, 36, 0, 17, 17};
+  Vec losses(N), lse(N), scratch(4 * 5);
+  const double sum = ops::lm_head_cross_entropy_forward(losses.data(), lse.data(), x.data(), W.data(),
+                                                        targets.data(), scratch.data(), {4, 5}, N, C, V);
+  double ref_sum = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    std::vector<double> z(V);
+    double m = -1e300;
+    for (int64_t v = 0; v < V; ++v) {
+      for (int64_t c = 0; c < C; ++c) z[v] += double(x[i * C + c]) * W[v * C + c];
+      m = std::max(m, z[v]);
+    }
+    double s = 0;
+    for (double zv : z) s += std::exp(zv - m);
+    const double L = m + std::log(s);
+    EXPECT_NEAR(lse[i], L, 1e-5 * std::abs(L) + 1e-5);
+    if (targets[i] == ops::kIgnoreIndex) {
+      EXPECT_EQ(losses[i], 0.0f);
+      continue;
+    }
+    EXPECT_NEAR(losses[i], L - z[targets[i]], 1e-4);
+    ref_sum += L - z[targets[i]];
+  }
+  EXPECT_NEAR(sum, ref_sum, 1e-4);
+}
+
+TEST(OpsForward, CachedAttentionEqualsCausalAttention) {
+  const int64_t T = 9, H = 4, KVH = 2, D = 8;
+  const Vec q = randn(T * H * D, 1), k = randn(T * KVH * D, 2), v = randn(T * KVH * D, 3);
+  const std::vector<int32_t> doc(T, 0);
+  Vec out(q.size()), lse(H * T);
+  ops::attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), 1, T, H, KVH, D);
+  // Prefill 5 tokens, then decode the remaining 4 one at a time.
+  Vec cached(q.size());
+  ops::attention_cached_forward(cached.data(), q.data(), k.data(), v.data(), 0, 5, H, KVH, D);
+  for (int64_t t = 5; t < T; ++t)
+    ops::attention_cached_forward(cached.data() + t * H * D, q.data() + t * H * D, k.data(), v.data(), t, 1, H, KVH,
+                                  D);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(cached[i], out[i], 1e-6) << i;
+}
+
+TEST(OpsForward, DocumentMaskHidesOtherDocuments) {
+  // Row of two documents [0,3) and [3,6): changing document 1's keys/values
+  // must not change document 2's outputs, and document 2's first token
+  // attends only to itself (out = its own v).
+  const int64_t T = 6, H = 2, KVH = 1, D = 4;
+  const Vec q = randn(T * H * D, 1);
+  Vec k = randn(T * KVH * D, 2), v = randn(T * KVH * D, 3);
+  const std::vector<int32_t> doc = {0, 0, 0, 3, 3, 3};
+  Vec a(q.size()), b(q.size()), lse(H * T);
+  ops::attention_forward(a.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), 1, T, H, KVH, D);
+  for (int64_t i = 0; i < 3 * KVH * D; ++i) k[i] += 1.0f, v[i] -= 2.0f;
+  ops::attention_forward(b.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), 1, T, H, KVH, D);
+  for (int64_t i = 3 * H * D; i < T * H * D; ++i) EXPECT_EQ(a[i], b[i]);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) EXPECT_NEAR(a[(3 * H + h) * D + d], v[3 * D + d], 1e-6);
+}
+
+TEST(OpsForward, RopeLlama3ScalesOnlyLongWavelengths) {
+  // theta 100, D 8: inv_freq = 1, 0.316, 0.1, 0.0316; wavelengths 6.3, 19.9,
+  // 62.8, 199. With original context 64, low 1, high 4: wavelength < 16 kept,
+  // > 64 divided by the factor, between interpolated.
+  ops::RopeParams p;
+  p.theta = 100.0;
+  p.kind = ops::RopeKind::Llama3;
+  p.factor = 8.0;
+  p.original_max_positions = 64;
+  float base[4], scaled[4];
+  ops::RopeParams none = p;
+  none.kind = ops::RopeKind::None;
+  ops::rope_inv_freq(base, none, 8);
+  ops::rope_inv_freq(scaled, p, 8);
+  EXPECT_EQ(scaled[0], base[0]);
+  EXPECT_NEAR(scaled[3], base[3] / 8.0f, 1e-9);
+  const double wl = 2 * M_PI / base[1], smooth = (64.0 / wl - 1.0) / 3.0;
+  EXPECT_NEAR(scaled[1], (1 - smooth) * base[1] / 8 + smooth * base[1], 1e-6);
+  EXPECT_NEAR(scaled[2], (1 - (64.0 / (2 * M_PI / base[2]) - 1.0) / 3.0) * base[2] / 8 +
+                             (64.0 / (2 * M_PI / base[2]) - 1.0) / 3.0 * base[2],
+              1e-6);
+}
+
+TEST(OpsForward, OutOfRangeIdsAreRefused) {
+  const Vec wte = randn(4 * 2, 1);
+  Vec out(4);
+  const std::vector<int32_t> bad = {1, 4};
+  EXPECT_THROW(ops::embedding_forward(out.data(), bad.data(), wte.data(), 2, 2, 4), Error);
+  Vec losses(2), lse(2), scratch(8);
+  const std::vector<int32_t> bad_t = {0, -5};
+  EXPECT_THROW(ops::lm_head_cross_entropy_forward(losses.data(), lse.data(), out.data(), wte.data(), bad_t.data(),
+                                                  scratch.data(), {2, 4}, 2, 2, 4),
+               Error);
+}
+
+}  // namespace
+}  // namespace qlora
