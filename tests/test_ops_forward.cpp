@@ -29,8 +29,10 @@ Vec randn(int64_t n, unsigned seed, float sigma = 1.0f) {
 // k u sum|terms| (k = IN terms per output, u = 2^-24), allowed 4x.
 TEST(OpsForward, Nf4LinearEqualsDenseOverDequantizedWeightAcrossPanels) {
   // 300 x 4096 = 1.2M values: more than one 1M-value panel, last one short.
-  for (auto [OUT, IN, dq] : {std::tuple<int64_t, int64_t, bool>{300, 4096, true}, {7, 96, false}}) {
-    const int64_t N = 3;
+  // N <= 4 takes the fused dequantize-dot path, larger N the panel + sgemm
+  // path; IN = 75 makes rows start on odd nibbles and mid-block.
+  for (auto [OUT, IN, dq, N] : {std::tuple<int64_t, int64_t, bool, int64_t>{300, 4096, true, 3},
+                                {300, 4096, true, 9}, {7, 96, false, 3}, {5, 75, false, 1}, {5, 75, true, 6}}) {
     const Vec wf = randn(OUT * IN, 1, 0.1f);
     const Quant4Tensor q = quantize_tensor(wf.data(), {OUT, IN}, Quant4Type::NF4, 64, dq);
     Vec deq(size_t(OUT * IN));

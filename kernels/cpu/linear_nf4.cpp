@@ -60,10 +60,69 @@ void linear_rows_fp32(float* dst, const LinearWeight& w, int64_t r0, int64_t r1)
   }
 }
 
+namespace {
+
+// Up to this many input rows the forward pass dequantizes inside the dot
+// products instead of through a panel and sgemm: at N = 1 (generation) the
+// panel path spent most of its time writing and re-reading the fp32 panel
+// (bench_cpu_engine: 4.0x sgemm before, see docs/benchmarks.md for after).
+constexpr int64_t kFusedMaxRows = 4;
+
+// out[n, o] = sum_k inp[n, k] * code[o, k] * scale(block of (o, k)), for
+// n < N <= kFusedMaxRows. Runs over the row's elements in stretches that share
+// one block scale; the codes are read a byte (two elements) at a time when the
+// stretch starts on a byte boundary.
+// N is a template parameter so the per-element loop over rows unrolls.
+template <int64_t N>
+void linear_forward_fused(float* out, const float* inp, const LinearWeight& w) {
+  float table[16];
+  for (int c = 0; c < 16; ++c)
+    table[c] = w.type == Quant4Type::NF4 ? nf4_code_value(uint8_t(c)) : fp4_code_value(uint8_t(c));
+  // Both values of every byte: one lookup per two elements.
+  float pairs[256][2];
+  for (int b = 0; b < 256; ++b) pairs[b][0] = table[b >> 4], pairs[b][1] = table[b & 0x0f];
+#pragma omp parallel for schedule(static)
+  for (int64_t o = 0; o < w.out; ++o) {
+    float acc[N] = {};
+    const int64_t row = o * w.in;
+    for (int64_t k = 0; k < w.in;) {
+      const int64_t i = row + k;
+      const int64_t stretch = std::min(w.in - k, (i / w.block + 1) * w.block - i);
+      float part[N] = {};
+      int64_t j = 0;
+      if ((i & 1) == 0) {
+        const uint8_t* codes = w.codes + (i >> 1);
+        for (; j + 2 <= stretch; j += 2) {
+          const float* v = pairs[codes[j >> 1]];
+          const float v0 = v[0], v1 = v[1];
+          for (int64_t n = 0; n < N; ++n) part[n] += v0 * inp[n * w.in + k + j] + v1 * inp[n * w.in + k + j + 1];
+        }
+      }
+      for (; j < stretch; ++j) {  // odd start or odd tail: one nibble at a time
+        const float v = table[quant4_unpack(w.codes, i + j)];
+        for (int64_t n = 0; n < N; ++n) part[n] += v * inp[n * w.in + k + j];
+      }
+      const float scale = w.absmax[i / w.block];
+      for (int64_t n = 0; n < N; ++n) acc[n] += part[n] * scale;
+      k += stretch;
+    }
+    for (int64_t n = 0; n < N; ++n) out[n * w.out + o] = acc[n];
+  }
+}
+
+}  // namespace
+
 void linear_forward(float* out, const float* inp, const LinearWeight& w, const float* bias, int64_t N) {
   check_weight(w);
   const int IN = int(w.in), OUT = int(w.out);
-  if (w.dense) {
+  if (!w.dense && N <= kFusedMaxRows) {
+    switch (N) {
+      case 1: linear_forward_fused<1>(out, inp, w); break;
+      case 2: linear_forward_fused<2>(out, inp, w); break;
+      case 3: linear_forward_fused<3>(out, inp, w); break;
+      default: linear_forward_fused<4>(out, inp, w); break;
+    }
+  } else if (w.dense) {
     // out (N,OUT) = inp (N,IN) * W^T
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(N), OUT, IN, 1.0f, inp, IN, w.dense, IN, 0.0f, out,
                 OUT);
