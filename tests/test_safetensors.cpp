@@ -634,6 +634,11 @@ TEST(Safetensors, ModelIndexMalformed) {
   write_bytes(dir / "bad.safetensors", "xx");
   write_bytes(index, R"({"weight_map": {"a": "bad.safetensors"}})");
   expect_mentions(model_error(dir.path()), {(dir / "bad.safetensors").string(), "too short"});
+  // Shard names are file names beside the index, never paths.
+  write_bytes(index, R"({"weight_map": {"a": "../outside.safetensors"}})");
+  expect_mentions(model_error(dir.path()), {index.string(), "expected a file name in the same folder"});
+  write_bytes(index, R"({"weight_map": {"a": "/etc/passwd"}})");
+  expect_mentions(model_error(dir.path()), {index.string(), "/etc/passwd"});
 }
 
 TEST(Safetensors, ModelMissingSources) {

@@ -249,7 +249,11 @@ SafetensorsModel::SafetensorsModel(const fs::path& dir_or_file) : source_(dir_or
     std::map<std::string, const SafetensorsFile*> shards;
     for (const auto& [name, v] : index.at("weight_map").items()) {
       if (!v.is_string()) fail(ip, ": weight_map entry '", name, "' must be a file name string, got ", v.type_name());
-      weight_map[name] = v.get<std::string>();
+      // Shards live beside the index: a path would let an index reach any file.
+      const std::string shard = v.get<std::string>();
+      if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
+        fail(ip, ": weight_map entry '", name, "' names \"", shard, "\", expected a file name in the same folder");
+      weight_map[name] = shard;
       shards[v.get<std::string>()] = nullptr;
     }
     const fs::path dir = index_path.parent_path();
