@@ -233,7 +233,7 @@ std::vector<T> copy_as(std::span<const uint8_t> b) {
 
 }  // namespace
 
-Quant4Tensor load_bnb_weight(const SafetensorsModel& m, const std::string& w, DType* dtype) {
+BnbQuantState check_bnb_weight(const SafetensorsModel& m, const std::string& w) {
   // The quant state tensor names the type; find whichever is present.
   const SafetensorsModel::Entry* st_entry = nullptr;
   Quant4Type type = Quant4Type::NF4;
@@ -245,13 +245,9 @@ Quant4Tensor load_bnb_weight(const SafetensorsModel& m, const std::string& w, DT
   const BnbQuantState st = parse_bnb_quant_state(st_entry->file->data(*st_entry->info), where);
   if (st.type != type) fail(where, ": quant_type \"", quant4_name(st.type), "\" disagrees with the tensor name");
 
-  Quant4Tensor q;
-  q.type = st.type;
-  q.block = st.block;
-  q.shape = st.shape;
   const int64_t n = shape_numel(st.shape);
   const int64_t blocks = quant4_num_blocks(n, st.block);
-  q.codes = copy_as<uint8_t>(expect_tensor(m, nm.weight, DType::U8, quant4_code_bytes(n)));
+  expect_tensor(m, nm.weight, DType::U8, quant4_code_bytes(n));
   const auto map4 = copy_as<float>(expect_tensor(m, nm.quant_map, DType::F32, 16));
   const auto ours = code4_table(st.type);
   for (size_t i = 0; i < 16; ++i)
@@ -259,16 +255,33 @@ Quant4Tensor load_bnb_weight(const SafetensorsModel& m, const std::string& w, DT
       fail(m.source().string(), ": ", nm.quant_map, " is not the standard ", quant4_name(st.type),
            " code book (entry ", i, " is ", map4[i], ", expected ", ours[i], ")");
   if (st.nested) {
+    expect_tensor(m, nm.absmax, DType::U8, blocks);
+    expect_tensor(m, nm.nested_absmax, DType::F32, quant4_num_blocks(blocks, st.nested_block));
+    expect_tensor(m, nm.nested_quant_map, DType::F32, 256);
+  } else {
+    expect_tensor(m, nm.absmax, DType::F32, blocks);
+  }
+  return st;
+}
+
+Quant4Tensor load_bnb_weight(const SafetensorsModel& m, const std::string& w, DType* dtype) {
+  const BnbQuantState st = check_bnb_weight(m, w);
+  const BnbNames nm = bnb_names(w, st.type);
+  Quant4Tensor q;
+  q.type = st.type;
+  q.block = st.block;
+  q.shape = st.shape;
+  q.codes = copy_as<uint8_t>(m.data(nm.weight));
+  if (st.nested) {
     NestedAbsmax nq;
     nq.offset = st.nested_offset;
     nq.nested_block = st.nested_block;
-    nq.codes = copy_as<uint8_t>(expect_tensor(m, nm.absmax, DType::U8, blocks));
-    nq.nested_absmax = copy_as<float>(
-        expect_tensor(m, nm.nested_absmax, DType::F32, quant4_num_blocks(blocks, st.nested_block)));
-    nq.code8 = copy_as<float>(expect_tensor(m, nm.nested_quant_map, DType::F32, 256));
+    nq.codes = copy_as<uint8_t>(m.data(nm.absmax));
+    nq.nested_absmax = copy_as<float>(m.data(nm.nested_absmax));
+    nq.code8 = copy_as<float>(m.data(nm.nested_quant_map));
     q.nested = std::move(nq);
   } else {
-    q.absmax = copy_as<float>(expect_tensor(m, nm.absmax, DType::F32, blocks));
+    q.absmax = copy_as<float>(m.data(nm.absmax));
   }
   if (dtype) *dtype = st.dtype;
   return q;

@@ -64,8 +64,11 @@ std::vector<std::string> bnb_quantized_weights(const SafetensorsModel& m);
 // True for a companion tensor (W.absmax, W.quant_map, ...) of a quantized W.
 bool is_bnb_companion(std::string_view name);
 
-// Loads one quantized weight, validating every companion's dtype and size
-// against the quant state; errors name the file and tensor.
+// Checks one quantized weight without copying it: the quant state parses, and
+// every companion is present with the dtype and size the state implies; the
+// code book is the standard one. Errors name the file and tensor.
+BnbQuantState check_bnb_weight(const SafetensorsModel& m, const std::string& weight_name);
+// check_bnb_weight, then copies codes and scales out of the files.
 Quant4Tensor load_bnb_weight(const SafetensorsModel& m, const std::string& weight_name, DType* dtype = nullptr);
 
 // torch dtype names as bitsandbytes writes them ("bfloat16", "float16", "float32").

@@ -16,14 +16,6 @@ namespace {
 
 using testing::ScratchDir;
 
-std::vector<float> gaussian(size_t n, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 0.02f);
-  std::vector<float> x(n);
-  for (auto& v : x) v = d(rng);
-  return x;
-}
-
 TEST(BnbLayout, PythonFloatRepr) {
   // Expected strings are Python's repr() of the same doubles.
   EXPECT_EQ(python_float_repr(double(0.1f)), "0.10000000149011612");
@@ -39,7 +31,7 @@ TEST(BnbLayout, PythonFloatRepr) {
 }
 
 TEST(BnbLayout, TensorNamesDtypesAndShapes) {
-  const auto x = gaussian(64 * 96, 1);
+  const auto x = testing::randn(int64_t(64 * 96), 1, 0.02f);
   const Quant4Tensor q = quantize_tensor(x.data(), {64, 96}, Quant4Type::NF4, 64, true);
   const auto ts = bnb_tensors("model.layers.0.mlp.up_proj.weight", q, DType::BF16);
   ASSERT_EQ(ts.size(), 6u);
@@ -74,7 +66,7 @@ TEST(BnbLayout, TensorNamesDtypesAndShapes) {
 
 void round_trip(Quant4Type t, bool dq, int64_t block) {
   ScratchDir dir;
-  const auto x = gaussian(33 * 77, unsigned(block));  // odd element count
+  const auto x = testing::randn(int64_t(33 * 77), unsigned(block), 0.02f);  // odd element count
   const Quant4Tensor q = quantize_tensor(x.data(), {33, 77}, t, block, dq);
   auto ts = bnb_tensors("w", q, DType::F16);
   ts.push_back({"other", DType::F32, {2}, std::vector<uint8_t>(8, 0)});
@@ -83,6 +75,9 @@ void round_trip(Quant4Type t, bool dq, int64_t block) {
   EXPECT_EQ(bnb_quantized_weights(m), std::vector<std::string>{"w"});
   EXPECT_TRUE(is_bnb_companion("w.absmax"));
   EXPECT_FALSE(is_bnb_companion("other"));
+  const BnbQuantState st = check_bnb_weight(m, "w");  // what inspect reads, without copying
+  EXPECT_EQ(st.shape, (Shape{33, 77}));
+  EXPECT_EQ(st.nested, dq);
   DType dt = DType::F32;
   const Quant4Tensor back = load_bnb_weight(m, "w", &dt);
   EXPECT_EQ(dt, DType::F16);
@@ -105,7 +100,7 @@ TEST(BnbLayout, RoundTripFp4Plain) { round_trip(Quant4Type::FP4, false, 4096); }
 // Writes the tensors of one quantized weight with `edit` applied, then loads.
 std::string load_error(const std::function<void(std::vector<OwnedTensor>&)>& edit) {
   ScratchDir dir;
-  const auto x = gaussian(64 * 64, 3);
+  const auto x = testing::randn(int64_t(64 * 64), 3, 0.02f);
   auto ts = bnb_tensors("w", quantize_tensor(x.data(), {64, 64}, Quant4Type::NF4, 64, true), DType::BF16);
   edit(ts);
   save_safetensors(dir / "m.safetensors", ts);

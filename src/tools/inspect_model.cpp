@@ -24,22 +24,20 @@ Inspection inspect_model(const fs::path& path) {
 
   const std::vector<std::string> quantized = bnb_quantized_weights(model);
   for (const std::string& w : quantized) {
-    DType dt;
-    const Quant4Tensor q = load_bnb_weight(model, w, &dt);
-    const std::string state_name = bnb_names(w, q.type).quant_state;
-    const auto& st_entry = model.at(state_name);
+    // Validated without copying: inspecting a 70B checkpoint reads headers, not 35 GB of codes.
+    const BnbQuantState st = check_bnb_weight(model, w);
     InspectedTensor t;
     t.name = w;
-    t.dtype = q.type == Quant4Type::NF4 ? "NF4" : "FP4";
-    t.shape = q.shape;
-    t.quant = parse_bnb_quant_state(st_entry.file->data(*st_entry.info), state_name);
+    t.dtype = st.type == Quant4Type::NF4 ? "NF4" : "FP4";
+    t.shape = st.shape;
+    t.quant = st;
     t.file = model.at(w).file->path().filename().string();
-    const BnbNames nm = bnb_names(w, q.type);
+    const BnbNames nm = bnb_names(w, st.type);
     for (const std::string& n : {nm.weight, nm.absmax, nm.quant_map, nm.nested_absmax, nm.nested_quant_map,
                                  nm.quant_state})
       if (const auto* e = model.find(n)) t.bytes += e->info->nbytes();
     in.quantized_tensors++;
-    in.quantized_params += shape_numel(q.shape);
+    in.quantized_params += shape_numel(st.shape);
     in.quantized_bytes += t.bytes;
     in.tensors.push_back(std::move(t));
   }
