@@ -12,18 +12,9 @@
 namespace qlora {
 namespace {
 
-using nlohmann::json;
+using testing::error_of;
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a qlora::Error";
-  return "";
-}
+using nlohmann::json;
 
 Message msg(Role r, std::string content) { return Message{r, std::move(content), {}}; }
 

@@ -9,19 +9,10 @@
 namespace qlora {
 namespace {
 
+using testing::error_of;
+
 using testing::ScratchDir;
 using testing::write_bytes;
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a qlora::Error";
-  return "";
-}
 
 ReadOptions opts(DataFormat f, OnBadRecord b = OnBadRecord::error) {
   ReadOptions o;

@@ -11,6 +11,8 @@
 namespace qlora {
 namespace {
 
+using testing::error_of;
+
 using nlohmann::json;
 using testing::ScratchDir;
 using testing::write_bytes;
@@ -21,18 +23,6 @@ ModelConfig load_text(const std::string& text) {
   ScratchDir dir;
   write_bytes(dir / "config.json", text);
   return load_model_config(dir.path());
-}
-
-// The message of the qlora::Error thrown by f; fails the test if none is.
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a qlora::Error";
-  return "";
 }
 
 std::string parse_error(const std::string& text) {

@@ -26,13 +26,7 @@ const SafetensorsFile& golden() {
 
 template <typename T>
 std::vector<T> gtensor(const std::string& name) {
-  const TensorInfo* t = golden().find(name);
-  if (!t) ADD_FAILURE() << "golden tensor " << name << " missing: " << kRegen;
-  if (!t) return {};
-  const auto bytes = golden().data(*t);
-  std::vector<T> v(bytes.size() / sizeof(T));
-  std::memcpy(v.data(), bytes.data(), bytes.size());
-  return v;
+  return testing::golden_tensor<T>(golden(), name, kRegen);
 }
 
 // The golden model as an HF folder (config.json + model.safetensors).

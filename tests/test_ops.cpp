@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "testing.h"
 #include "kernels/ops.h"
 #include "quant/blockwise.h"
 
@@ -32,15 +33,8 @@ namespace qlora {
 namespace {
 
 using Vec = std::vector<float>;
+using testing::randn;
 using Inputs = std::vector<Vec>;
-
-Vec randn(int64_t n, unsigned seed, float sigma = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, sigma);
-  Vec x(static_cast<size_t>(n));
-  for (auto& v : x) v = d(rng);
-  return x;
-}
 
 // An op under test: differentiable inputs, forward to one flat output, and the
 // gradients of sum(dout * forward) with respect to each input.

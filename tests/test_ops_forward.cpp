@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "testing.h"
 #include "core/error.h"
 #include "kernels/ops.h"
 #include "quant/blockwise.h"
@@ -16,14 +17,7 @@ namespace qlora {
 namespace {
 
 using Vec = std::vector<float>;
-
-Vec randn(int64_t n, unsigned seed, float sigma = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, sigma);
-  Vec x(static_cast<size_t>(n));
-  for (auto& v : x) v = d(rng);
-  return x;
-}
+using testing::randn;
 
 // Double-precision reference dot products; the fp32 results must agree within
 // k u sum|terms| (k = IN terms per output, u = 2^-24), allowed 4x.

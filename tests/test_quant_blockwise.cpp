@@ -9,20 +9,13 @@
 #include <random>
 #include <vector>
 
+#include "testing.h"
 #include "core/dtype.h"
 #include "quant/blockwise.h"
 #include "quant/dynamic_map.h"
 
 namespace qlora {
 namespace {
-
-std::vector<float> gaussian(int64_t n, float sigma, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, sigma);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (auto& v : x) v = d(rng);
-  return x;
-}
 
 // Half the widest gap between neighbouring code values: the worst rounding
 // error of a value scaled into [-1, 1].
@@ -52,7 +45,7 @@ std::vector<Case> cases() {
 
 TEST(QuantBlockwise, FastPathEqualsReferenceBitForBit) {
   for (const Case& c : cases()) {
-    const auto x = gaussian(c.n, 0.02f, unsigned(c.n + c.block));
+    const auto x = testing::randn(c.n, unsigned(c.n + c.block), 0.02f);
     std::vector<uint8_t> c_ref(size_t(quant4_code_bytes(c.n))), c_fast(c_ref.size());
     std::vector<float> a_ref(size_t(quant4_num_blocks(c.n, c.block))), a_fast(a_ref.size());
     quantize4_ref(x.data(), c.n, c.block, c.type, c_ref.data(), a_ref.data());
@@ -70,7 +63,7 @@ TEST(QuantBlockwise, FastPathEqualsReferenceBitForBit) {
 // through the counting fast path as through the reference tree.
 TEST(QuantBlockwise, FastPathEqualsReferenceOnSpecialValues) {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<float> x = gaussian(64 * 8 + 3, 1.0f, 5);
+  std::vector<float> x = testing::randn(64 * 8 + 3, 5, 1.0f);
   x[3] = nan;                                              // block 0: one NaN
   x[64 + 5] = inf;                                         // block 1: +inf absmax
   x[128 + 7] = -inf;                                       // block 2: -inf
@@ -92,7 +85,7 @@ TEST(QuantBlockwise, FastPathEqualsReferenceOnSpecialValues) {
 
 TEST(QuantBlockwise, RoundTripErrorWithinHalfTheWidestGap) {
   for (const Case& c : cases()) {
-    const auto x = gaussian(c.n, 1.0f, 11);
+    const auto x = testing::randn(c.n, 11, 1.0f);
     const Quant4Tensor q = quantize_tensor(x.data(), {c.n}, c.type, c.block, false);
     std::vector<float> y(size_t(c.n));
     dequantize_tensor(q, y.data());
@@ -193,7 +186,7 @@ TEST(QuantBlockwise, StorageIs4point127BitsPerParameterAtBlock64WithDoubleQuant)
 // NF4 is information-theoretically tuned to normal data: on Gaussian weights
 // its error is lower than FP4's (QLoRA section 3 / table 2).
 TEST(QuantBlockwise, Nf4BeatsFp4OnGaussianData) {
-  const auto x = gaussian(1 << 18, 0.02f, 99);
+  const auto x = testing::randn(1 << 18, 99, 0.02f);
   auto rmse = [&](Quant4Type t) {
     const Quant4Tensor q = quantize_tensor(x.data(), {int64_t(x.size())}, t, 64, true);
     std::vector<float> y(x.size());

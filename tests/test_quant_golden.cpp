@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "io/safetensors.h"
+#include "testing.h"
 #include "quant/blockwise.h"
 #include "quant/bnb_layout.h"
 #include "quant/dynamic_map.h"
@@ -26,13 +27,7 @@ const SafetensorsFile& golden() {
 
 template <typename T>
 std::vector<T> tensor(const std::string& name) {
-  const TensorInfo* t = golden().find(name);
-  if (!t) ADD_FAILURE() << "golden tensor " << name << " missing: " << kRegen;
-  if (!t) return {};
-  const auto bytes = golden().data(*t);
-  std::vector<T> v(bytes.size() / sizeof(T));
-  std::memcpy(v.data(), bytes.data(), bytes.size());
-  return v;
+  return testing::golden_tensor<T>(golden(), name, kRegen);
 }
 
 TEST(QuantGolden, FileIsTheExpectedVersion) {

@@ -21,6 +21,7 @@ namespace qlora {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::error_of;
 using testing::ScratchDir;
 
 std::vector<float> as_f32(const SafetensorsModel& m, const std::string& name) {
@@ -160,15 +161,6 @@ TEST(QuantizeModel, Stories260KMatchesTheReferenceBitForBit) {
   EXPECT_EQ(out.find("lm_head.weight"), nullptr);
   EXPECT_TRUE(fs::exists(dir / "nf4" / "tokenizer.json"));
   EXPECT_TRUE(fs::exists(dir / "nf4" / "tokenizer.model"));
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 TEST(QuantizeModel, BadInputLeavesNothingBehind) {

@@ -3,9 +3,15 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <optional>
+#include <random>
 #include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "io/safetensors.h"
 
 namespace qlora::testing {
 
@@ -29,6 +35,42 @@ class ScratchDir {
 // Writes bytes to a file (test setup only; not atomic).
 void write_bytes(const std::filesystem::path& p, const std::string& bytes);
 std::string read_bytes(const std::filesystem::path& p);
+
+// The message of the qlora::Error f throws; fails the test if it throws none.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a qlora::Error";
+  return "";
+}
+
+// n values ~ N(0, sigma^2) from a fixed seed.
+inline std::vector<float> randn(int64_t n, unsigned seed, float sigma = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, sigma);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) v = d(rng);
+  return x;
+}
+
+// A tensor of a golden file as T values; a missing one fails the test with
+// the command that regenerates the file.
+template <typename T>
+std::vector<T> golden_tensor(const SafetensorsFile& f, const std::string& name, const char* regenerate) {
+  const TensorInfo* t = f.find(name);
+  if (!t) {
+    ADD_FAILURE() << "golden tensor " << name << " missing: " << regenerate;
+    return {};
+  }
+  const auto bytes = f.data(*t);
+  std::vector<T> v(bytes.size() / sizeof(T));
+  std::memcpy(v.data(), bytes.data(), bytes.size());
+  return v;
+}
 
 }  // namespace qlora::testing
 

@@ -21,10 +21,13 @@ Writes tests/reference/model_golden.safetensors. Run with Debian's interpreter:
 import json
 import math
 import os
-import struct
+import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from golden_io import write_safetensors  # noqa: E402
 
 MAGIC = "qlora-model-golden"
 VERSION = "1"
@@ -43,27 +46,6 @@ CONFIG = {
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOCS = [[6, 4], [3, 7]]  # document lengths of each row (T = 10)
-
-
-def write_safetensors(path, tensors, metadata):
-    header, blobs, off = {}, [], 0
-    dt = {np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        b = arr.tobytes()
-        header[name] = {"dtype": dt[arr.dtype], "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    header["__metadata__"] = metadata
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((-(8 + len(h))) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-    os.replace(tmp, path)
 
 
 def llama3_inv_freq(c):

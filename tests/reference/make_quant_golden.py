@@ -16,12 +16,16 @@ Run with Debian's interpreter and packages (python3-torch, python3-numpy):
 import argparse
 import json
 import os
+import sys
 import struct
 from decimal import Decimal
 from fractions import Fraction
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from golden_io import write_safetensors  # noqa: E402
 
 MAGIC = "qlora-quant-golden"
 VERSION = "1"
@@ -205,27 +209,6 @@ def fnv1a64(b):
         h ^= byte
         h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
     return "%016x" % h
-
-
-def write_safetensors(path, tensors, metadata):
-    header, blobs, off = {}, [], 0
-    dt = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        b = arr.tobytes()
-        header[name] = {"dtype": dt[arr.dtype], "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    header["__metadata__"] = metadata
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((-(8 + len(h))) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-    os.replace(tmp, path)
 
 
 def main():
