@@ -37,6 +37,8 @@ class Arena {
     return static_cast<T*>(take_bytes(n * sizeof(T), what));
   }
   size_t used() const { return used_; }
+  std::byte* data() { return data_.get(); }
+  const std::byte* data() const { return data_.get(); }
   size_t capacity() const { return capacity_; }
   // Zero bytes [0, used()): e.g. all gradients in one memset.
   void zero() {

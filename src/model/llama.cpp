@@ -31,21 +31,29 @@ LlamaModel::LlamaModel(const LlamaWeights& w, LoraWeights* lora, int64_t max_B, 
   if (max_B <= 0 || max_T <= 0) fail("batch shape must be positive, got B=", max_B, " T=", max_T);
   if (max_T > cfg_.max_position_embeddings)
     fail("sequence length ", max_T, " exceeds the model's max_position_embeddings ", cfg_.max_position_embeddings);
-  Arena measure;
-  layout(measure);
-  acts_ = Arena(measure.used(), "activations");
-  layout(acts_);
+  const LoraConfig* lc = lora ? &lora->config() : nullptr;
+  acts_ = Arena(arena_bytes(cfg_, lc, max_B, max_T, opt_), "activations");
+  LlamaActivationViews::layout(acts_, cfg_, lc, max_B, max_T, opt_);
   ops::rope_inv_freq(inv_freq_, rope_params(cfg_), cfg_.head_dim);
   ops::rope_tables(cos_, sin_, inv_freq_, max_T_, cfg_.head_dim);
 }
 
-void LlamaModel::layout(Arena& a) {
-  const int64_t N = max_N_, C = cfg_.hidden_size, I = cfg_.intermediate_size, QD = cfg_.q_dim(),
-                KVD = cfg_.kv_dim(), L = cfg_.num_hidden_layers, H = cfg_.num_attention_heads;
-  const int64_t R = lora_ ? lora_->config().rank : 0;
+size_t LlamaModel::arena_bytes(const ModelConfig& cfg, const LoraConfig* lora, int64_t max_B, int64_t max_T,
+                               const LlamaRunOptions& opt) {
+  Arena measure;
+  LlamaActivationViews views;
+  views.layout(measure, cfg, lora, max_B, max_T, opt);
+  return measure.used();
+}
+
+void LlamaActivationViews::layout(Arena& a, const ModelConfig& cfg, const LoraConfig* lora, int64_t max_B,
+                                  int64_t max_T, const LlamaRunOptions& opt) {
+  const int64_t N = max_B * max_T, C = cfg.hidden_size, I = cfg.intermediate_size, QD = cfg.q_dim(),
+                KVD = cfg.kv_dim(), L = cfg.num_hidden_layers, H = cfg.num_attention_heads;
+  const int64_t R = lora ? lora->rank : 0;
   const int64_t wide = std::max({C, I, QD});
   auto f = [&](int64_t n, const char* what) { return a.take<float>(size_t(n), what); };
-  layer_acts_.assign(size_t(opt_.checkpointing ? 1 : L), LayerActs{});
+  layer_acts_.assign(size_t(opt.checkpointing ? 1 : L), LayerActs{});
   for (LayerActs& s : layer_acts_) {
     s.ln1 = f(N * C, "ln1");
     s.rstd1 = f(N, "rstd1");
@@ -61,7 +69,7 @@ void LlamaModel::layout(Arena& a) {
     s.up = f(N * I, "up");
     s.act = f(N * I, "act");
     for (int t = 0; t < kNumLoraTargets; ++t)
-      s.h[t] = (lora_ && lora_->has(LoraTarget(t))) ? f(N * R, "lora h") : nullptr;
+      s.h[t] = (lora && lora->targets[size_t(t)]) ? f(N * R, "lora h") : nullptr;
   }
   resid_.assign(size_t(L + 1), nullptr);
   for (auto& r : resid_) r = f(N * C, "residual");
@@ -69,12 +77,12 @@ void LlamaModel::layout(Arena& a) {
   rstdf_ = f(N, "rstdf");
   losses_ = f(N, "losses");
   lse_ce_ = f(N, "lse_ce");
-  ce_scratch_ = f(opt_.ce.scratch_floats(), "cross-entropy tile");
+  ce_scratch_ = f(opt.ce.scratch_floats(), "cross-entropy tile");
   tmp_ = f(N * C, "tmp");
   xd_ = f(N * wide, "dropout input");
-  inv_freq_ = f(cfg_.head_dim / 2, "inv_freq");
-  cos_ = f(max_T_ * cfg_.head_dim / 2, "rope cos");
-  sin_ = f(max_T_ * cfg_.head_dim / 2, "rope sin");
+  inv_freq_ = f(cfg.head_dim / 2, "inv_freq");
+  cos_ = f(max_T * cfg.head_dim / 2, "rope cos");
+  sin_ = f(max_T * cfg.head_dim / 2, "rope sin");
   pos_ = a.take<int32_t>(size_t(N), "positions");
   doc_start_ = a.take<int32_t>(size_t(N), "doc_start");
   dres_ = f(N * C, "dres");
@@ -123,7 +131,7 @@ void LlamaModel::project(float* out, const float* inp, const ops::LinearWeight& 
   if (!lora_ || !lora_->has(t)) return;
   const auto& lc = lora_->config();
   const float* xd = inp;
-  if (lc.dropout > 0.0) {
+  if (lc.dropout > 0.0 && training_) {
     ops::dropout_forward(xd_, inp, N_ * w.in, float(lc.dropout), dropout_seed(l, t));
     xd = xd_;
   }
@@ -142,7 +150,7 @@ void LlamaModel::project_backward(float* dinp, bool accumulate, const float* dou
   if (!lora_ || !lora_->has(t)) return;
   const auto& lc = lora_->config();
   const float scale = lc.scale();
-  if (lc.dropout > 0.0) {
+  if (lc.dropout > 0.0 && training_) {
     // Recompute the same mask (counter-based) rather than keeping it.
     const uint64_t seed = dropout_seed(l, t);
     ops::dropout_forward(xd_, inp, N_ * w.in, float(lc.dropout), seed);
@@ -205,7 +213,7 @@ void LlamaModel::layer_backward(int64_t l, const float* x, LayerActs& s) {
 
 double LlamaModel::forward(const LlamaBatch& b, int64_t n_targets_step) {
   prepare(b);
-  ++step_;
+  if (training_) ++step_;
   const int64_t C = cfg_.hidden_size, L = cfg_.num_hidden_layers;
   ops::embedding_forward(resid_[0], b.tokens, w_.embed, N_, C, cfg_.vocab_size);
   for (int64_t l = 0; l < L; ++l) layer_forward(l, resid_[size_t(l)], resid_[size_t(l + 1)], acts_of(l));

@@ -36,8 +36,35 @@ struct LlamaRunOptions {
 // The config's rope_theta / rope_scaling as the op's parameters.
 ops::RopeParams rope_params(const ModelConfig& c);
 
-class LlamaModel {
+// The views of LlamaModel's activation arena, laid out by one function for
+// the model (real arena) and for the memory planner (measuring arena, from the
+// config alone): the planned bytes are the allocated bytes by construction.
+struct LlamaActivationViews {
+  // One layer's saved activations (all (N,...) with N = B*T).
+  struct LayerActs {
+    float *ln1, *rstd1, *q, *k, *v, *att, *lse, *xmid, *ln2, *rstd2, *gate, *up, *act;
+    float* h[kNumLoraTargets];  // LoRA hidden (N,R) per target
+  };
+  // lora: null for the base model only.
+  void layout(Arena& a, const ModelConfig& cfg, const LoraConfig* lora, int64_t max_B, int64_t max_T,
+              const LlamaRunOptions& opt);
+
+  std::vector<LayerActs> layer_acts_;  // L sets, or 1 with checkpointing
+  std::vector<float*> resid_;          // L+1 layer inputs (N,C); resid_[L] is the last output
+  float *lnf_, *rstdf_, *losses_, *lse_ce_, *ce_scratch_, *tmp_, *xd_, *inv_freq_, *cos_, *sin_;
+  int32_t *pos_, *doc_start_;
+  // backward scratch
+  float *dres_, *dtmp_, *dln_, *dlin_, *dq_, *dk_, *dv_, *datt_, *dgate_, *dup_, *dact_, *dh_, *dxd_;
+};
+
+class LlamaModel : private LlamaActivationViews {
  public:
+  // Bytes of the activation arena a model of this config would allocate for
+  // batches up to max_B x max_T (== activation_bytes() of that model): the
+  // same layout code, in measuring mode. No checks of the shape.
+  static size_t arena_bytes(const ModelConfig& cfg, const LoraConfig* lora, int64_t max_B, int64_t max_T,
+                            const LlamaRunOptions& opt = {});
+
   // lora may be null (base model only; backward then has nothing to do).
   // Sizes the activation arena for batches up to max_B x max_T.
   LlamaModel(const LlamaWeights& w, LoraWeights* lora, int64_t max_B, int64_t max_T, LlamaRunOptions opt = {});
@@ -52,15 +79,17 @@ class LlamaModel {
   void logits(float* out, const LlamaBatch& batch);
 
   int64_t last_num_targets() const { return n_targets_; }
+  // Forward passes so far: it seeds the LoRA dropout masks, so a resumed run
+  // restores it to continue with the same masks.
+  uint64_t forward_count() const { return step_; }
+  void set_forward_count(uint64_t n) { step_ = n; }
+  // Evaluation: no LoRA dropout, and forward_count() does not advance (so
+  // evaluating never changes the masks of later training steps).
+  void set_training(bool training) { training_ = training; }
+  bool training() const { return training_; }
   size_t activation_bytes() const { return acts_.capacity(); }
 
  private:
-  // One layer's saved activations (all (N,...) with N = B*T).
-  struct LayerActs {
-    float *ln1, *rstd1, *q, *k, *v, *att, *lse, *xmid, *ln2, *rstd2, *gate, *up, *act;
-    float* h[kNumLoraTargets];  // LoRA hidden (N,R) per target
-  };
-  void layout(Arena& a);
   void prepare(const LlamaBatch& batch);
   void layer_forward(int64_t l, const float* x, float* y, LayerActs& s);
   void layer_backward(int64_t l, const float* x, LayerActs& s);
@@ -79,15 +108,10 @@ class LlamaModel {
   int64_t B_ = 0, T_ = 0, N_ = 0, n_targets_ = 0;
   float grad_scale_ = 0.0f;
   uint64_t step_ = 0;
+  bool training_ = true;
   const int32_t* targets_ = nullptr;
 
   Arena acts_;
-  std::vector<LayerActs> layer_acts_;  // L sets, or 1 with checkpointing
-  std::vector<float*> resid_;          // L+1 layer inputs (N,C); resid_[L] is the last output
-  float *lnf_, *rstdf_, *losses_, *lse_ce_, *ce_scratch_, *tmp_, *xd_, *inv_freq_, *cos_, *sin_;
-  int32_t *pos_, *doc_start_;
-  // backward scratch
-  float *dres_, *dtmp_, *dln_, *dlin_, *dq_, *dk_, *dv_, *datt_, *dgate_, *dup_, *dact_, *dh_, *dxd_;
 };
 
 }  // namespace qlora

@@ -39,25 +39,31 @@ std::pair<int64_t, int64_t> lora_target_dims(const ModelConfig& cfg, LoraTarget 
 LoraWeights::LoraWeights(const ModelConfig& cfg, const LoraConfig& lc) : cfg_(cfg), lc_(lc) {
   if (lc.rank <= 0) fail("LoRA rank must be positive, got ", lc.rank);
   if (!(lc.dropout >= 0.0 && lc.dropout < 1.0)) fail("LoRA dropout must be in [0, 1), got ", lc.dropout);
-  Arena mp, mg;
-  layout(mp, mg);
-  params_ = Arena(mp.used(), "LoRA weights");
-  grads_ = Arena(mg.used(), "LoRA gradients");
-  layout(params_, grads_);
+  const ArenaBytes bytes = arena_bytes(cfg, lc);
+  params_ = Arena(bytes.params, "LoRA weights");
+  grads_ = Arena(bytes.grads, "LoRA gradients");
+  layout(params_, grads_, cfg_, lc_, slots_);
 }
 
-void LoraWeights::layout(Arena& p, Arena& g) {
-  slots_.assign(size_t(cfg_.num_hidden_layers * kNumLoraTargets), Slot{});
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+LoraWeights::ArenaBytes LoraWeights::arena_bytes(const ModelConfig& cfg, const LoraConfig& lc) {
+  Arena mp, mg;
+  std::vector<Slot> slots;
+  layout(mp, mg, cfg, lc, slots);
+  return {mp.used(), mg.used()};
+}
+
+void LoraWeights::layout(Arena& p, Arena& g, const ModelConfig& cfg, const LoraConfig& lc, std::vector<Slot>& slots) {
+  slots.assign(size_t(cfg.num_hidden_layers * kNumLoraTargets), Slot{});
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
     for (int t = 0; t < kNumLoraTargets; ++t) {
-      if (!lc_.targets[size_t(t)]) continue;
-      const auto [in, out] = lora_target_dims(cfg_, LoraTarget(t));
-      Slot& s = slot(l, LoraTarget(t));
+      if (!lc.targets[size_t(t)]) continue;
+      const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
+      Slot& s = slots[size_t(l * kNumLoraTargets + t)];
       const std::string what(lora_target_module(LoraTarget(t)));
-      s.A = p.take<float>(size_t(lc_.rank * in), what);
-      s.B = p.take<float>(size_t(out * lc_.rank), what);
-      s.dA = g.take<float>(size_t(lc_.rank * in), what);
-      s.dB = g.take<float>(size_t(out * lc_.rank), what);
+      s.A = p.take<float>(size_t(lc.rank * in), what);
+      s.B = p.take<float>(size_t(out * lc.rank), what);
+      s.dA = g.take<float>(size_t(lc.rank * in), what);
+      s.dB = g.take<float>(size_t(out * lc.rank), what);
     }
 }
 

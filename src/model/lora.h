@@ -38,6 +38,16 @@ class LoraWeights {
  public:
   LoraWeights(const ModelConfig& cfg, const LoraConfig& lc);
 
+  // Bytes of the two arenas a LoraWeights of this config allocates (the same
+  // layout code in measuring mode; the memory planner's figures). params / 4
+  // is flat_size().
+  struct ArenaBytes {
+    size_t params = 0, grads = 0;
+  };
+  static ArenaBytes arena_bytes(const ModelConfig& cfg, const LoraConfig& lc);
+  size_t params_bytes() const { return params_.capacity(); }
+  size_t grads_bytes() const { return grads_.capacity(); }
+
   const LoraConfig& config() const { return lc_; }
   bool has(LoraTarget t) const { return lc_.targets[size_t(t)]; }
   // A (R,IN), B (OUT,R) and their gradients; nullptr when the target is off.
@@ -53,6 +63,16 @@ class LoraWeights {
   void init_default(uint64_t seed);
   void zero_grad() { grads_.zero(); }
   size_t num_params() const;
+
+  // Every A and B as one flat fp32 array, and the gradients in the same layout
+  // (alignment padding between tensors is zero in both and stays zero under
+  // any element-wise update): what optimizers, grad-norm clipping and
+  // checkpoints work on.
+  float* flat_params() { return reinterpret_cast<float*>(params_.data()); }
+  const float* flat_params() const { return reinterpret_cast<const float*>(params_.data()); }
+  float* flat_grads() { return reinterpret_cast<float*>(grads_.data()); }
+  const float* flat_grads() const { return reinterpret_cast<const float*>(grads_.data()); }
+  size_t flat_size() const { return params_.used() / sizeof(float); }
 
   // "base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight"
   std::string peft_name(int64_t layer, LoraTarget t, bool is_a) const;
@@ -70,7 +90,7 @@ class LoraWeights {
   const Slot& slot(int64_t layer, LoraTarget t) const {
     return slots_[size_t(layer * kNumLoraTargets + int64_t(t))];
   }
-  void layout(Arena& p, Arena& g);
+  static void layout(Arena& p, Arena& g, const ModelConfig& cfg, const LoraConfig& lc, std::vector<Slot>& slots);
 
   ModelConfig cfg_;
   LoraConfig lc_;

@@ -70,6 +70,12 @@ ops::LinearWeight linear(const TensorSlot& s, const Placed& p, const WeightLoadO
 
 }  // namespace
 
+size_t base_weight_arena_bytes(const ModelConfig& cfg, const WeightLoadOptions& opt) {
+  Arena measure;
+  layout(measure, expected_tensors(cfg), opt);
+  return measure.used();
+}
+
 LlamaWeights load_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt_in) {
   LlamaWeights w;
   w.cfg = load_model_config(dir);
@@ -101,9 +107,7 @@ LlamaWeights load_llama_weights(const std::filesystem::path& dir, const WeightLo
   if (!check.ok()) fail(m.source().string(), " does not match ", dir.string(), "/config.json:\n", check.report());
   if (opt.quantize && !valid_block4(opt.block)) fail("invalid 4-bit block size ", opt.block);
 
-  Arena measure;
-  layout(measure, slots, opt);
-  w.arena = Arena(measure.used(), "base weights");
+  w.arena = Arena(base_weight_arena_bytes(cfg, opt), "base weights");
   const std::vector<Placed> placed = layout(w.arena, slots, opt);
   w.quantized = opt.quantize;
 

@@ -46,6 +46,11 @@ struct LlamaWeights {
   bool quantized = false;
 };
 
+// Bytes of the arena load_llama_weights allocates for this config and these
+// options (the same layout code in measuring mode; for a bitsandbytes
+// checkpoint pass the checkpoint's type and block). The memory planner's figure.
+size_t base_weight_arena_bytes(const ModelConfig& cfg, const WeightLoadOptions& opt);
+
 // Loads an HF folder: F32/BF16/F16 safetensors (quantized on load as the
 // options say) or a bitsandbytes 4-bit checkpoint. Missing or unexpected
 // tensors, shapes disagreeing with config.json and NaN/Inf values throw

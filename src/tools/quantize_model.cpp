@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "core/atomic_file.h"
 #include "core/error.h"
@@ -14,6 +12,7 @@
 #include "io/safetensors.h"
 #include "model/tensor_table.h"
 #include "quant/bnb_layout.h"
+#include "tools/model_folder.h"
 
 namespace qlora {
 
@@ -103,18 +102,6 @@ class ShardWriter {
   uint64_t reserved_ = 0;
 };
 
-// Converts elements [begin, end) of a source tensor to fp32, in parallel.
-void to_f32(std::span<const uint8_t> src, DType t, int64_t begin, int64_t end, float* out) {
-  const size_t es = dtype_size(t);
-  const int64_t n = end - begin;
-  constexpr int64_t kPiece = 1 << 16;
-#pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < n; p += kPiece) {
-    const int64_t len = std::min(kPiece, n - p);
-    convert_to_f32(src.data() + size_t(begin + p) * es, t, size_t(len), out + p);
-  }
-}
-
 void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptions& opt, std::vector<float>& buf,
                      const std::function<void(uint64_t)>& progressed) {
   const auto src = t.src->file->data(*t.src->info);
@@ -128,7 +115,7 @@ void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptio
   std::vector<uint8_t> codes;
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
-    to_f32(src, dt, c, c + len, buf.data());
+    tensor_range_to_f32(src, dt, c, c + len, buf.data());
     t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
     codes.resize(size_t(quant4_code_bytes(len)));
     quantize4(buf.data(), len, opt.block, opt.type, codes.data(), q.absmax.data() + c / opt.block);
@@ -164,28 +151,13 @@ void write_kept(ShardWriter& w, const PlannedTensor& t, std::vector<float>& buf,
   std::vector<uint16_t> out;
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
-    to_f32(src, dt, c, c + len, buf.data());
+    tensor_range_to_f32(src, dt, c, c + len, buf.data());
     t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
     out.resize(size_t(len));
     convert_from_f32(buf.data(), size_t(len), DType::BF16, out.data());
     w.write(out.data(), out.size() * 2);
     progressed(uint64_t(len) * dtype_size(dt));
   }
-}
-
-bool is_weight_file(const fs::path& p) {
-  const std::string name = p.filename().string();
-  const std::string ext = p.extension().string();
-  return ext == ".safetensors" || ext == ".bin" || ext == ".pt" || ext == ".pth" || ext == ".gguf" ||
-         ext == ".h5" || ext == ".msgpack" || name.find(".index.json") != std::string::npos;
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  if (!f) fail(p.string(), ": cannot read");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
 }
 
 }  // namespace
@@ -258,11 +230,7 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
   std::map<std::string, std::string> weight_map;
 
   for (size_t si = 0; si < shards.size(); ++si) {
-    const std::string fname = shards.size() == 1 ? "model.safetensors"
-                                                 : str("model-", std::string(5 - std::to_string(si + 1).size(), '0'),
-                                                       si + 1, "-of-",
-                                                       std::string(5 - std::to_string(shards.size()).size(), '0'),
-                                                       shards.size(), ".safetensors");
+    const std::string fname = shard_file_name(si, shards.size());
     std::vector<TensorSpec> body;
     std::vector<std::string> state_names;
     for (const PlannedTensor& t : shards[si].tensors) {
@@ -291,17 +259,12 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
   }
 
   // config.json: the input's, with quantization_config and the BF16 dtype.
-  auto cj = nlohmann::ordered_json::parse(read_text(input / "config.json"));
+  auto cj = nlohmann::ordered_json::parse(read_text_file(input / "config.json"));
   cj["quantization_config"] = nlohmann::ordered_json::parse(bnb_quantization_config_json(opt));
   cj["torch_dtype"] = "bfloat16";
   write_file_atomic(out.path() / "config.json", cj.dump(2) + "\n");
   // Tokenizer, generation config, chat template, licence: every other plain file.
-  for (const auto& e : fs::directory_iterator(input)) {
-    if (!e.is_regular_file() || is_weight_file(e.path()) || e.path().filename() == "config.json") continue;
-    std::error_code ec;
-    fs::copy_file(e.path(), out.path() / e.path().filename(), ec);
-    if (ec) fail(out.dest().string(), ": cannot copy ", e.path().filename().string(), ": ", ec.message());
-  }
+  copy_model_side_files(input, out.path());
   out.commit();
   bar.finish();
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

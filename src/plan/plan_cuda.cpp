@@ -1,0 +1,173 @@
+// The CUDA device model: what the GPU backend allocates per DESIGN.md (bf16
+// storage, fp32 statistics, NF4 + double quantization, flash-style attention,
+// chunked loss). Measured-on-device constants and kernel assumptions come from
+// plan/cuda_constants.h only.
+#include <algorithm>
+
+#include "core/error.h"
+#include "model/tensor_table.h"
+#include "plan/cuda_constants.h"
+#include "plan/plan_internal.h"
+
+namespace qlora::plan_detail {
+
+using namespace plan_cuda;
+
+namespace {
+
+constexpr uint64_t kBf16 = 2, kF32 = 4;
+
+// Base weights by kind (bytes on the device).
+struct BaseBytes {
+  uint64_t codes = 0, absmax8 = 0, nested = 0, absmax32 = 0, dense = 0, embed = 0, lm_head = 0, small = 0;
+};
+
+BaseBytes base_bytes(const PlanInput& in) {
+  BaseBytes b;
+  for (const TensorSlot& s : expected_tensors(in.model)) {
+    const uint64_t n = uint64_t(shape_numel(s.shape));
+    if (s.is_block_linear && in.quantize) {
+      const uint64_t blocks = uint64_t(quant4_num_blocks(int64_t(n), in.block));
+      b.codes += (n + 1) / 2;
+      if (in.double_quant) {
+        b.absmax8 += blocks;
+        // fp32 scale per 256 blocks, the 256-entry fp32 code and the fp32 offset.
+        b.nested += (blocks + kNestedBlock - 1) / kNestedBlock * kF32 + 256 * kF32 + kF32;
+      } else {
+        b.absmax32 += blocks * kF32;
+      }
+    } else if (s.is_block_linear) {
+      b.dense += n * kBf16;
+    } else if (s.kind == TensorKind::Embed) {
+      b.embed += n * kBf16;
+    } else if (s.kind == TensorKind::LmHead) {
+      b.lm_head += n * kBf16;
+    } else {
+      b.small += n * kBf16;
+    }
+  }
+  return b;
+}
+
+}  // namespace
+
+void add_cuda_buffers(MemoryPlan& p) {
+  const PlanInput& in = p.input;
+  const ModelConfig& c = in.model;
+  const uint64_t B = uint64_t(in.micro_batch), T = uint64_t(in.seq_len), N = B * T;
+  const uint64_t C = uint64_t(c.hidden_size), I = uint64_t(c.intermediate_size), QD = uint64_t(c.q_dim()),
+                 KVD = uint64_t(c.kv_dim()), L = uint64_t(c.num_hidden_layers),
+                 H = uint64_t(c.num_attention_heads), V = uint64_t(c.vocab_size), D = uint64_t(c.head_dim),
+                 R = uint64_t(in.lora.rank);
+  const uint64_t wide = std::max({C, I, QD});
+  uint64_t n_targets = 0;
+  for (bool t : in.lora.targets) n_targets += t ? 1 : 0;
+  const std::string qname(quant4_name(in.quant_type));
+
+  // ---- base weights (persistent, device)
+  const BaseBytes bb = base_bytes(in);
+  const char* cat = "base weights";
+  if (in.quantize) {
+    add(p, cat, qname + " codes", bb.codes, qname, Lifetime::persistent, Place::device,
+        "block linears: n/2 bytes (two 4-bit codes per byte)");
+    if (in.double_quant) {
+      add(p, cat, "absmax, 8-bit (double quant)", bb.absmax8, "uint8", Lifetime::persistent, Place::device,
+          str("one byte per block of ", in.block));
+      add(p, cat, "second-level scales + code", bb.nested, "fp32", Lifetime::persistent, Place::device,
+          "fp32 per 256 blocks + 256-entry code + offset, per tensor");
+    } else {
+      add(p, cat, "absmax", bb.absmax32, "fp32", Lifetime::persistent, Place::device,
+          str("one fp32 per block of ", in.block));
+    }
+  } else {
+    add(p, cat, "block linears (not quantized)", bb.dense, "bf16", Lifetime::persistent, Place::device,
+        "quant.type none: 2 bytes per weight");
+  }
+  add(p, cat, "embeddings", bb.embed, "bf16", Lifetime::persistent, Place::device, "V x C");
+  if (bb.lm_head > 0)
+    add(p, cat, "lm_head", bb.lm_head, "bf16", Lifetime::persistent, Place::device, "V x C (untied)");
+  add(p, cat, "norms and biases", bb.small, "bf16", Lifetime::persistent, Place::device,
+      "(2L+1) x C + biases");
+
+  // ---- LoRA and optimizer
+  const uint64_t P = p.lora_params;
+  add(p, "LoRA", "LoRA A, B", P * kBf16, "bf16", Lifetime::persistent, Place::device,
+      str(P, " params (r x (in + out) per adapted linear)"));
+  add(p, "LoRA", "LoRA gradients", P * kBf16, "bf16", Lifetime::persistent, Place::device,
+      "one per parameter");
+  add(p, "LoRA", "fp32 master copies", P * kF32, "fp32", Lifetime::persistent, Place::device,
+      "the optimizer updates these; bf16 weights are cast from them");
+  const uint64_t state = optimizer_state_bytes(in.optimizer, size_t(P));
+  const std::string oname = str(optimizer_kind_name(in.optimizer.kind), " state");
+  if (in.optimizer.kind == OptimizerKind::paged_adamw) {
+    add(p, "optimizer", oname + " (paged out)", state, "fp32", Lifetime::persistent, Place::paged,
+        "m and v in pinned host memory, paged in one layer at a time");
+    add(p, "optimizer", oname + " (one layer paged in)",
+        optimizer_state_bytes(in.optimizer, size_t((P + L - 1) / L)), "fp32", Lifetime::per_layer,
+        Place::device, "m and v of one layer's adapters");
+  } else {
+    add(p, "optimizer", oname, state, "fp32", Lifetime::persistent, Place::device,
+        in.optimizer.kind == OptimizerKind::sgd ? "momentum buffer when momentum > 0" : "m and v, fp32");
+  }
+
+  // ---- activations: one layer's saved set (bf16 tensors, fp32 statistics),
+  // as the CPU model's LayerActs.
+  const uint64_t layer_set =
+      N * (kBf16 * (C + QD + 2 * KVD + QD + C + C + 3 * I + n_targets * R) + kF32 * (1 + H + 1));
+  const uint64_t outputs = (L + 1) * N * C * kBf16;
+  if (in.checkpointing) {
+    add(p, "activations", "checkpointed layer inputs", outputs, "bf16", Lifetime::per_step, Place::device,
+        "(L+1) x B x T x C");
+    add(p, "activations", "recompute working set (one layer)", layer_set, "mixed", Lifetime::per_layer,
+        Place::device, "norm outputs, q, k, v, attention out, gate, up, act, LoRA hidden; rstd and lse fp32");
+  } else {
+    add(p, "activations", "layer outputs", outputs, "bf16", Lifetime::per_step, Place::device,
+        "(L+1) x B x T x C");
+    add(p, "activations", "saved activations (all layers)", L * layer_set, "mixed", Lifetime::per_step,
+        Place::device, "L x one layer's saved set (no checkpointing)");
+  }
+  const uint64_t bwd =
+      N * (kF32 * C + kBf16 * (2 * C + 2 * QD + 2 * KVD + 3 * I + std::max<uint64_t>(R, 1) + 2 * wide));
+  add(p, "activations", "backward scratch (one layer)", bwd, "mixed", Lifetime::per_layer, Place::device,
+      "residual gradient fp32; gradients of q, k, v, attention, MLP, LoRA hidden bf16");
+  if (in.lora.dropout > 0.0)
+    add(p, "activations", "LoRA dropout input", N * wide * kBf16, "bf16", Lifetime::per_layer, Place::device,
+        "B x T x max(C, I, H x D)");
+  add(p, "activations", "final norm + loss rows", N * (C * kBf16 + 3 * kF32), "mixed", Lifetime::per_step,
+      Place::device, "normed output bf16; rstd, loss, lse fp32");
+  add(p, "activations", "batch + rope tables", N * 3 * 4 + T * D * kF32, "mixed", Lifetime::per_step,
+      Place::device, "tokens, targets, positions int32; cos, sin fp32");
+
+  // ---- workspaces
+  add(p, "workspace", "attention workspace", N * H * kF32 + N * QD * kF32, "fp32", Lifetime::per_layer,
+      Place::device, "flash-style, no T x T matrix: D per head + fp32 dq accumulator");
+  const uint64_t vchunk = std::min<uint64_t>(V, uint64_t(kCeVocabChunk));
+  add(p, "workspace", "cross-entropy chunk", N * vchunk * kF32, "fp32", Lifetime::per_chunk, Place::device,
+      str("B x T x ", vchunk, " logits tile; the full vocabulary (", V, ") is never materialized"));
+  if (in.quantize)
+    add(p, "workspace", "dequantization scratch", kAssumedSms * kDequantTileBytes, "bf16",
+        Lifetime::per_layer, Place::device,
+        str("fused NF4 GEMM: one 128 x 256 bf16 tile per SM, ", kAssumedSms, " SMs assumed"));
+  add(p, "workspace", "cuBLAS workspace", kCublasWorkspaceBytes, "uint8", Lifetime::persistent, Place::device,
+      "NVIDIA's recommendation for Hopper");
+
+  // ---- runtime: context, then the allocator's share of everything above
+  uint64_t device = 0;
+  for (const PlanBuffer& b : p.buffers)
+    if (b.place == Place::device) device += b.bytes;
+  add(p, "runtime", "CUDA context", kContextBytes, "-", Lifetime::persistent, Place::device,
+      "to be calibrated on a device (plan/cuda_constants.h)");
+  const uint64_t reserve =
+      std::max(kAllocatorReserveMinBytes, uint64_t(double(device) * kAllocatorReserveFraction));
+  add(p, "runtime", "allocator reserve", reserve, "-", Lifetime::persistent, Place::device,
+      str(kAllocatorReserveFraction * 100, "% of the buffers, at least ", kAllocatorReserveMinBytes >> 20,
+          " MiB; to be calibrated"));
+
+  // ---- host
+  add(p, "host", "quantization stream staging", 2 * kQuantStreamValues * kBf16, "bf16", Lifetime::load,
+      Place::pinned_host, "two 16M-value chunks in flight to the device");
+  add(p, "host", "batch staging", 2 * N * 3 * 4, "int32", Lifetime::persistent, Place::pinned_host,
+      "tokens, targets, positions, double-buffered");
+}
+
+}  // namespace qlora::plan_detail

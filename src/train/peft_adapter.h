@@ -1,0 +1,30 @@
+// The trained adapter as a Hugging Face PEFT folder: adapter_config.json +
+// adapter_model.safetensors, loadable by PEFT (PeftModel.from_pretrained),
+// vLLM, llama.cpp's convert_lora_to_gguf.py and LoraWeights::load_peft.
+#pragma once
+
+#include <filesystem>
+#include <nlohmann/json_fwd.hpp>
+#include <string>
+
+#include "io/hf_config.h"
+#include "model/lora.h"
+
+namespace qlora {
+
+// The version written as "qlora_version" (which program made the adapter).
+const char* qlora_version();
+
+// adapter_config.json's contents for this adapter (PEFT's LoraConfig fields:
+// target_modules sorted, bias "none", inference_mode true, ...).
+nlohmann::json peft_adapter_config(const LoraConfig& lc, const std::string& base_model_name_or_path);
+
+// Writes dir/adapter_config.json and dir/adapter_model.safetensors (PEFT
+// names, lora_A [r, in], lora_B [out, r], F32 so the round trip is exact,
+// "__metadata__": {"format": "pt"} as PEFT writes). The folder is built under
+// a temporary name and renamed into place; an existing dir is replaced only
+// once the new one is complete. Errors name the folder.
+void save_peft_adapter(const LoraWeights& lora, const ModelConfig& cfg, const std::filesystem::path& dir,
+                       const std::string& base_model_name_or_path);
+
+}  // namespace qlora

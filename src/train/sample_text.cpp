@@ -1,0 +1,42 @@
+#include "train/sample_text.h"
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "data/tokenize_sample.h"
+#include "kernels/ops.h"
+#include "model/llama_generate.h"
+
+namespace qlora {
+
+std::string sample_reply(const LlamaWeights& w, const LoraWeights* lora, const Tokenizer& tok,
+                         const ChatTemplate& tmpl, const std::string& prompt, int64_t max_new) {
+  // Render the prompt with a placeholder reply and keep the untrained prefix:
+  // that is exactly what the template puts before an assistant turn.
+  const Conversation conv{{Role::user, prompt, {}}, {Role::assistant, "x", {}}};
+  const bool add_bos = !tmpl.renders_bos() && tokenizer_adds_bos(tok);
+  const TokenizedSample s = tokenize_segments(tok, tmpl.render(conv), add_bos, /*train_on_inputs=*/false);
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < s.input_ids.size() && s.labels[i] == ops::kIgnoreIndex; ++i) ids.push_back(s.input_ids[i]);
+  if (ids.empty()) return {};
+
+  const int64_t total = std::min<int64_t>(int64_t(ids.size()) + max_new, w.cfg.max_position_embeddings);
+  if (total <= int64_t(ids.size())) return {};
+  LlamaGenerator gen(w, lora, total);
+  std::vector<float> logits(static_cast<size_t>(w.cfg.vocab_size));
+  gen.feed(ids.data(), int64_t(ids.size()), logits.data());
+  std::mt19937_64 rng(0);
+  std::vector<int32_t> out;
+  const auto& eos = w.cfg.eos_token_ids;
+  const auto tok_eos = tok.eos_id();
+  for (int64_t n = int64_t(ids.size()); n < total; ++n) {
+    const int32_t id = sample_token(logits.data(), w.cfg.vocab_size, {}, rng);
+    if (std::find(eos.begin(), eos.end(), id) != eos.end() || (tok_eos && *tok_eos == id)) break;
+    out.push_back(id);
+    if (n + 1 < total) gen.feed(&id, 1, logits.data());
+  }
+  return tok.decode(out, /*skip_special=*/true);
+}
+
+}  // namespace qlora

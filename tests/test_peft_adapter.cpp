@@ -1,0 +1,219 @@
+// The PEFT adapter folder: written atomically, read back bit for bit by
+// LoraWeights::load_peft, with PEFT's config fields and tensor names/shapes.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+
+#include "io/safetensors.h"
+#include "model/lora.h"
+#include "testing.h"
+#include "train/peft_adapter.h"
+
+namespace qlora {
+namespace {
+
+// Makes writes past `bytes` fail with EFBIG (as a full disk fails them with
+// ENOSPC) while alive; works for root too, unlike a read-only folder.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    getrlimit(RLIMIT_FSIZE, &old_);
+    old_sig_ = signal(SIGXFSZ, SIG_IGN);
+    rlimit l = old_;
+    l.rlim_cur = bytes;
+    setrlimit(RLIMIT_FSIZE, &l);
+  }
+  ~FileSizeLimit() {
+    setrlimit(RLIMIT_FSIZE, &old_);
+    signal(SIGXFSZ, old_sig_);
+  }
+
+ private:
+  rlimit old_{};
+  sighandler_t old_sig_{};
+};
+
+// A tiny Llama with grouped-query attention: k/v project to 16, q to 32.
+ModelConfig gqa_config() {
+  ModelConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 64;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.max_position_embeddings = 64;
+  return c;
+}
+
+// Random A and B (B nonzero, unlike the default init, so a swap of A and B or
+// of two layers would show).
+LoraWeights random_lora(const ModelConfig& cfg, const LoraConfig& lc, unsigned seed) {
+  LoraWeights w(cfg, lc);
+  unsigned k = seed;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      if (!w.has(LoraTarget(t))) continue;
+      const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
+      const auto a = testing::randn(lc.rank * in, k++), b = testing::randn(out * lc.rank, k++);
+      std::copy(a.begin(), a.end(), w.A(l, LoraTarget(t)));
+      std::copy(b.begin(), b.end(), w.B(l, LoraTarget(t)));
+    }
+  return w;
+}
+
+LoraConfig subset_config() {
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.alpha = 8;
+  lc.dropout = 0.05;
+  lc.targets.fill(false);
+  lc.targets[size_t(LoraTarget::V)] = true;
+  lc.targets[size_t(LoraTarget::Q)] = true;
+  lc.targets[size_t(LoraTarget::K)] = true;
+  lc.targets[size_t(LoraTarget::Down)] = true;
+  return lc;
+}
+
+TEST(PeftAdapter, RoundTripIsBitIdentical) {
+  const ModelConfig cfg = gqa_config();
+  for (bool all : {true, false}) {
+    LoraConfig lc = all ? LoraConfig{} : subset_config();
+    lc.rslora = !all;
+    const LoraWeights w = random_lora(cfg, lc, 11);
+    testing::ScratchDir dir;
+    save_peft_adapter(w, cfg, dir / "adapter", "meta-llama/Llama-3.2-1B");
+    const LoraWeights r = LoraWeights::load_peft(dir / "adapter", cfg);
+    EXPECT_EQ(r.config().rank, lc.rank);
+    EXPECT_EQ(r.config().alpha, lc.alpha);
+    EXPECT_EQ(r.config().rslora, lc.rslora);
+    EXPECT_EQ(r.config().dropout, lc.dropout);
+    EXPECT_EQ(r.config().targets, lc.targets);
+    ASSERT_EQ(r.flat_size(), w.flat_size());
+    EXPECT_EQ(std::memcmp(r.flat_params(), w.flat_params(), w.flat_size() * sizeof(float)), 0);
+  }
+}
+
+TEST(PeftAdapter, ConfigFields) {
+  const ModelConfig cfg = gqa_config();
+  LoraConfig lc = subset_config();
+  const LoraWeights w = random_lora(cfg, lc, 3);
+  testing::ScratchDir dir;
+  save_peft_adapter(w, cfg, dir / "a", "/models/llama");
+  std::ifstream f(dir / "a" / "adapter_config.json");
+  const auto j = nlohmann::json::parse(f);
+  EXPECT_EQ(j.at("peft_type"), "LORA");
+  EXPECT_EQ(j.at("task_type"), "CAUSAL_LM");
+  EXPECT_EQ(j.at("r"), 4);
+  EXPECT_TRUE(j.at("lora_alpha").is_number_integer());  // PEFT's type for a whole alpha
+  EXPECT_EQ(j.at("lora_alpha"), 8);
+  EXPECT_EQ(j.at("lora_dropout"), 0.05);
+  EXPECT_EQ(j.at("target_modules"), nlohmann::json({"down_proj", "k_proj", "q_proj", "v_proj"}));  // sorted
+  EXPECT_EQ(j.at("use_rslora"), false);
+  EXPECT_EQ(j.at("use_dora"), false);
+  EXPECT_EQ(j.at("bias"), "none");
+  EXPECT_EQ(j.at("base_model_name_or_path"), "/models/llama");
+  EXPECT_EQ(j.at("fan_in_fan_out"), false);
+  EXPECT_EQ(j.at("inference_mode"), true);
+  EXPECT_EQ(j.at("init_lora_weights"), true);
+  for (const char* k : {"modules_to_save", "layers_to_transform", "revision"})
+    EXPECT_TRUE(j.at(k).is_null()) << k;
+  EXPECT_EQ(j.at("qlora_version"), qlora_version());
+  // A fractional alpha stays a float.
+  lc.alpha = 12.5;
+  const auto j2 = peft_adapter_config(lc, "x");
+  EXPECT_TRUE(j2.at("lora_alpha").is_number_float());
+  EXPECT_EQ(j2.at("lora_alpha"), 12.5);
+}
+
+TEST(PeftAdapter, TensorNamesShapesAndDtype) {
+  const ModelConfig cfg = gqa_config();
+  const LoraConfig lc = subset_config();
+  const LoraWeights w = random_lora(cfg, lc, 5);
+  testing::ScratchDir dir;
+  save_peft_adapter(w, cfg, dir / "a", "base");
+  const SafetensorsFile f(dir / "a" / "adapter_model.safetensors");
+  EXPECT_EQ(f.metadata(), (std::map<std::string, std::string>{{"format", "pt"}}));
+  // Expected shapes written out by hand: C = 32, q = 32, kv = 16, I = 48, r = 4.
+  std::map<std::string, Shape> want;
+  for (int l = 0; l < 3; ++l) {
+    const std::string p = "base_model.model.model.layers." + std::to_string(l);
+    want[p + ".self_attn.q_proj.lora_A.weight"] = {4, 32};
+    want[p + ".self_attn.q_proj.lora_B.weight"] = {32, 4};
+    want[p + ".self_attn.k_proj.lora_A.weight"] = {4, 32};
+    want[p + ".self_attn.k_proj.lora_B.weight"] = {16, 4};
+    want[p + ".self_attn.v_proj.lora_A.weight"] = {4, 32};
+    want[p + ".self_attn.v_proj.lora_B.weight"] = {16, 4};
+    want[p + ".mlp.down_proj.lora_A.weight"] = {4, 48};
+    want[p + ".mlp.down_proj.lora_B.weight"] = {32, 4};
+  }
+  ASSERT_EQ(f.tensors().size(), want.size());
+  for (const auto& t : f.tensors()) {
+    ASSERT_EQ(want.count(t.name), 1u) << t.name;
+    EXPECT_EQ(t.shape, want.at(t.name)) << t.name;
+    EXPECT_EQ(t.dtype, DType::F32) << t.name;
+  }
+  // The bytes of one tensor are that tensor's values (not a neighbour's).
+  const auto* t = f.find("base_model.model.model.layers.2.self_attn.k_proj.lora_B.weight");
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(std::memcmp(f.data(*t).data(), w.B(2, LoraTarget::K), 16 * 4 * sizeof(float)), 0);
+}
+
+TEST(PeftAdapter, ReplacesAnExistingFolderWholesale) {
+  const ModelConfig cfg = gqa_config();
+  testing::ScratchDir dir;
+  const auto out = dir / "adapter";
+  std::filesystem::create_directories(out);
+  testing::write_bytes(out / "stale.txt", "old");
+  const LoraWeights w = random_lora(cfg, subset_config(), 7);
+  save_peft_adapter(w, cfg, out, "base");
+  EXPECT_FALSE(std::filesystem::exists(out / "stale.txt"));
+  EXPECT_TRUE(std::filesystem::exists(out / "adapter_model.safetensors"));
+  // No temporary folders left beside it.
+  int entries = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++entries;
+  EXPECT_EQ(entries, 1);
+}
+
+TEST(PeftAdapter, RejectsAModelConfigThatIsNotTheAdapters) {
+  const ModelConfig cfg = gqa_config();
+  const LoraWeights w = random_lora(cfg, subset_config(), 8);
+  ModelConfig other = cfg;
+  other.num_hidden_layers = 4;
+  testing::ScratchDir dir;
+  const std::string e = testing::error_of([&] { save_peft_adapter(w, other, dir / "a", "base"); });
+  EXPECT_NE(e.find((dir / "a").string()), std::string::npos) << e;
+  EXPECT_FALSE(std::filesystem::exists(dir / "a"));
+}
+
+// A write that fails part way (here: the file size limit, as a full disk
+// would) leaves the previous adapter folder as it was and no temporaries.
+TEST(PeftAdapter, FailedWriteLeavesTheOldFolder) {
+  const ModelConfig cfg = gqa_config();
+  testing::ScratchDir dir;
+  const auto out = dir / "adapter";
+  save_peft_adapter(random_lora(cfg, subset_config(), 8), cfg, out, "base");
+  const std::string before = testing::read_bytes(out / "adapter_model.safetensors");
+  const LoraWeights w2 = random_lora(cfg, subset_config(), 9);
+  {
+    FileSizeLimit limit(4096);  // the safetensors file is ~10 KB
+    const std::string e = testing::error_of([&] { save_peft_adapter(w2, cfg, out, "base"); });
+    EXPECT_NE(e.find("adapter_model.safetensors"), std::string::npos) << e;
+  }
+  EXPECT_EQ(testing::read_bytes(out / "adapter_model.safetensors"), before);
+  int entries = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir.path())) ++entries;
+  EXPECT_EQ(entries, 1);
+}
+
+}  // namespace
+}  // namespace qlora

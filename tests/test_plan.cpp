@@ -1,0 +1,470 @@
+// The memory planner: CPU plans equal the arenas a run allocates (builtin:tiny
+// and stories260K in several configurations), CUDA plans against the
+// literature, presets against published parameter counts, advice, bad input,
+// and `qlora estimate` end to end. "GB" in the literature checks is 1e9 bytes
+// (the papers' and vendors' unit); GiB is 2^30.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "model/builtin.h"
+#include "model/tensor_table.h"
+#include "plan/plan.h"
+#include "testing.h"
+#include "tools/quantize_model.h"
+
+namespace qlora {
+namespace {
+
+using testing::error_of;
+using testing::ScratchDir;
+
+constexpr double kGB = 1e9;
+constexpr uint64_t kGiB = uint64_t(1) << 30;
+
+PlanInput cuda_input(const std::string& preset, int64_t rank, int64_t batch, int64_t seq, OptimizerKind opt,
+                     const std::string& gpu) {
+  PlanInput in;
+  in.model = preset_config(preset);
+  in.model_name = preset;
+  in.backend = PlanBackend::cuda;
+  in.lora.rank = rank;
+  in.lora.dropout = 0.05;
+  in.micro_batch = batch;
+  in.seq_len = seq;
+  in.optimizer.kind = opt;
+  in.budget_bytes = gpu_memory_bytes(gpu);
+  return in;
+}
+
+uint64_t bytes_of(const MemoryPlan& p, const std::string& name) {
+  for (const PlanBuffer& b : p.buffers)
+    if (b.name == name) return b.bytes;
+  ADD_FAILURE() << "no buffer named " << name;
+  return 0;
+}
+
+// One CPU configuration: plan it, then build the run's objects with the
+// options the plan hands out, run a forward + backward + optimizer step, and
+// compare every arena.
+struct CpuCase {
+  int64_t B, T;
+  bool checkpointing;
+  int64_t rank;
+  std::vector<LoraTarget> targets;  // empty: all
+  bool quantize;
+  OptimizerKind optimizer;
+  double momentum = 0.0;
+};
+
+void check_cpu_case(const std::filesystem::path& dir, const CpuCase& c) {
+  PlanInput in;
+  in.model = load_model_config(dir);
+  in.backend = PlanBackend::cpu;
+  in.micro_batch = c.B;
+  in.seq_len = c.T;
+  in.checkpointing = c.checkpointing;
+  in.lora.rank = c.rank;
+  in.lora.dropout = 0.1;
+  if (!c.targets.empty()) {
+    in.lora.targets.fill(false);
+    for (LoraTarget t : c.targets) in.lora.targets[size_t(t)] = true;
+  }
+  in.quantize = c.quantize;
+  in.optimizer.kind = c.optimizer;
+  in.optimizer.momentum = c.momentum;
+  apply_checkpoint_quant(in, dir);
+  const MemoryPlan plan = make_plan(in);
+  SCOPED_TRACE(plan_table(plan));
+
+  const LlamaWeights w = load_llama_weights(dir, weight_load_options(in));
+  LoraWeights lora(w.cfg, in.lora);
+  lora.init_default(1);
+  LlamaModel model(w, &lora, c.B, c.T, llama_run_options(in));
+  Optimizer opt(in.optimizer, lora.flat_size());
+
+  std::vector<int32_t> tokens(size_t(c.B * c.T)), targets(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = int32_t((i * 7 + 3) % size_t(w.cfg.vocab_size));
+    targets[i] = int32_t((i * 5 + 1) % size_t(w.cfg.vocab_size));
+  }
+  LlamaBatch batch;
+  batch.tokens = tokens.data();
+  batch.targets = targets.data();
+  batch.B = c.B;
+  batch.T = c.T;
+  const double loss = model.forward(batch);
+  EXPECT_TRUE(std::isfinite(loss));
+  model.backward();
+  opt.step(lora.flat_params(), lora.flat_grads(), 1e-3);
+
+  const CpuArenas measured{w.arena.capacity(), lora.params_bytes(), lora.grads_bytes(), opt.state_bytes(),
+                           model.activation_bytes()};
+  EXPECT_EQ(plan.arenas.weights, measured.weights);
+  EXPECT_EQ(plan.arenas.lora_params, measured.lora_params);
+  EXPECT_EQ(plan.arenas.lora_grads, measured.lora_grads);
+  EXPECT_EQ(plan.arenas.optimizer, measured.optimizer);
+  EXPECT_EQ(plan.arenas.activations, measured.activations);
+  EXPECT_GT(measured.activations, 0u);
+  EXPECT_NE(plan_vs_measured_text(plan, measured).find("total"), std::string::npos);
+  // The arena rows of the table are those figures.
+  EXPECT_EQ(bytes_of(plan, "base weights arena"), measured.weights);
+  EXPECT_EQ(bytes_of(plan, "activation arena"), measured.activations);
+  EXPECT_GE(plan.device_bytes, measured.total());
+}
+
+std::vector<CpuCase> cpu_cases() {
+  using T = LoraTarget;
+  return {
+      {1, 16, true, 8, {}, true, OptimizerKind::adamw},
+      {2, 32, false, 8, {}, true, OptimizerKind::adamw},
+      {3, 24, true, 4, {T::Q, T::V}, true, OptimizerKind::paged_adamw},
+      {1, 64, false, 16, {T::Gate, T::Up, T::Down}, false, OptimizerKind::sgd, 0.9},
+      {2, 8, true, 2, {T::O}, false, OptimizerKind::sgd, 0.0},
+  };
+}
+
+TEST(PlanCpu, ArenasEqualTheAllocationsOfABuiltinTinyRun) {
+  ScratchDir d;
+  write_builtin_model("tiny", d / "tiny");
+  for (const CpuCase& c : cpu_cases()) {
+    SCOPED_TRACE(::testing::Message()
+                 << "B " << c.B << " T " << c.T << " ckpt " << c.checkpointing << " r " << c.rank);
+    check_cpu_case(d / "tiny", c);
+  }
+}
+
+TEST(PlanCpu, ArenasEqualTheAllocationsOfAStories260KRun) {
+  QLORA_REQUIRE_FIXTURES(fx);
+  for (const CpuCase& c : cpu_cases()) {
+    SCOPED_TRACE(::testing::Message()
+                 << "B " << c.B << " T " << c.T << " ckpt " << c.checkpointing << " r " << c.rank);
+    check_cpu_case(fx / "models/stories260K/hf", c);
+  }
+}
+
+// A bitsandbytes 4-bit checkpoint: the block comes from its files, and the
+// plan still equals what load_llama_weights allocates.
+TEST(PlanCpu, FourBitCheckpointIsReadFromTheHeaders) {
+  ScratchDir d;
+  write_builtin_model("tiny", d / "tiny");
+  QuantizeOptions q;
+  q.block = 128;
+  quantize_model(d / "tiny", d / "q", q);
+  PlanInput in;
+  in.model = load_model_config(d / "q");
+  apply_checkpoint_quant(in, d / "q");
+  EXPECT_TRUE(in.prequantized);
+  EXPECT_EQ(in.block, 128);
+  EXPECT_TRUE(in.double_quant);
+  check_cpu_case(d / "q", {1, 16, true, 8, {}, true, OptimizerKind::adamw});
+  PlanInput plain;
+  apply_checkpoint_quant(plain, d / "tiny");
+  EXPECT_FALSE(plain.prequantized);
+}
+
+// QLoRA paper (Dettmers et al. 2023): LLaMA-65B, r 64 on all linear layers,
+// batch 1, seq 512, paged AdamW, fits a 48 GB card.
+TEST(PlanLiterature, Llama65bAsInTheQloraPaperFitsA48GBCard) {
+  const MemoryPlan p = make_plan(cuda_input("llama-1-65b", 64, 1, 512, OptimizerKind::paged_adamw, "a6000"));
+  SCOPED_TRACE(plan_table(p));
+  EXPECT_GE(double(p.device_bytes), 41 * kGB);
+  EXPECT_LE(double(p.device_bytes), 48 * kGB);
+  EXPECT_TRUE(p.verdict == Verdict::fits || p.verdict == Verdict::fits_with_paging)
+      << verdict_name(p.verdict);
+  // The NF4 codes alone: half a byte per block-linear weight,
+  // 80 x (4 x 8192^2 + 3 x 8192 x 22016) = 64.76e9 of them.
+  EXPECT_NEAR(double(bytes_of(p, "nf4 codes")), 32.38 * kGB, 0.01 * kGB);
+  // Paged: m and v live in pinned host memory.
+  EXPECT_GT(p.pinned_host_bytes, 8 * p.lora_params);
+}
+
+TEST(PlanLiterature, Llama31_8bAtSeq2048Fits24GB) {
+  for (int64_t rank : {16, 64}) {
+    const MemoryPlan p =
+        make_plan(cuda_input("llama-3.1-8b", rank, 1, 2048, OptimizerKind::adamw, "rtx4090"));
+    SCOPED_TRACE(plan_table(p));
+    EXPECT_EQ(p.verdict, Verdict::fits);
+    EXPECT_LT(p.device_bytes, 24 * kGiB);
+    EXPECT_GT(double(p.device_bytes), 5 * kGB);  // 4-bit weights + bf16 embeddings alone are ~5.6 GB
+  }
+}
+
+// Chunked loss: neither model counts full-vocabulary logits. Doubling the
+// vocabulary changes only the embeddings and lm_head (and the allocator's
+// share of them), never activations or workspaces.
+TEST(PlanLiterature, FullVocabularyLogitsAreNeverCounted) {
+  PlanInput in = cuda_input("llama-3.1-8b", 16, 2, 2048, OptimizerKind::adamw, "h100-80");
+  const uint64_t full_logits = uint64_t(in.micro_batch * in.seq_len * in.model.vocab_size) * 4;
+  const MemoryPlan a = make_plan(in);
+  EXPECT_LT(bytes_of(a, "cross-entropy chunk") * 10, full_logits);
+  for (const PlanBuffer& b : a.buffers)
+    if (b.lifetime == Lifetime::per_layer || b.lifetime == Lifetime::per_chunk) {
+      EXPECT_LT(b.bytes, full_logits / 2) << b.name;
+    }
+  PlanInput big = in;
+  big.model.vocab_size *= 2;
+  const MemoryPlan b = make_plan(big);
+  auto sum = [](const MemoryPlan& p, const std::string& cat) {
+    uint64_t s = 0;
+    for (const PlanBuffer& x : p.buffers) s += x.category == cat ? x.bytes : 0;
+    return s;
+  };
+  EXPECT_EQ(sum(a, "activations"), sum(b, "activations"));
+  EXPECT_EQ(sum(a, "workspace"), sum(b, "workspace"));
+  // CPU: the activation arena does not grow with the vocabulary either.
+  ModelConfig c = preset_config("llama-2-7b");
+  const size_t act = LlamaModel::arena_bytes(c, nullptr, 1, 512);
+  c.vocab_size *= 4;
+  EXPECT_EQ(LlamaModel::arena_bytes(c, nullptr, 1, 512), act);
+}
+
+TEST(PlanCuda, SwitchesMoveMemoryTheWayTheyShould) {
+  const PlanInput in = cuda_input("llama-2-13b", 64, 4, 2048, OptimizerKind::adamw, "a100-40");
+  const MemoryPlan base = make_plan(in);
+  PlanInput x = in;
+  x.checkpointing = false;
+  EXPECT_GT(make_plan(x).device_bytes, base.device_bytes + 10 * kGiB);  // 40 layers of saved activations
+  x = in;
+  x.optimizer.kind = OptimizerKind::paged_adamw;
+  const MemoryPlan paged = make_plan(x);
+  EXPECT_LT(paged.device_bytes, base.device_bytes);
+  EXPECT_GT(paged.pinned_host_bytes, base.pinned_host_bytes);
+  x = in;
+  x.double_quant = false;
+  // Double quantization saves ~0.373 bits per weight (fp32 -> 8-bit absmax + second level).
+  const double params = double(bytes_of(base, "nf4 codes")) * 2;
+  EXPECT_NEAR(double(make_plan(x).device_bytes - base.device_bytes) * 8 / params, 0.373, 0.02);
+}
+
+// Each preset against the published parameter count of its model card, and
+// the planner's own validation errors.
+TEST(PlanPresets, MatchPublishedParameterCounts) {
+  const std::vector<std::pair<std::string, double>> published = {
+      {"llama-1-65b", 65.29e9}, {"llama-2-7b", 6.74e9},   {"llama-2-13b", 13.02e9},
+      {"llama-2-70b", 68.98e9}, {"llama-3.1-8b", 8.03e9}, {"llama-3.1-70b", 70.55e9},
+      {"mistral-7b", 7.24e9},   {"qwen2.5-7b", 7.62e9},   {"qwen2.5-14b", 14.77e9},
+      {"qwen2.5-32b", 32.76e9}, {"qwen2.5-72b", 72.71e9}};
+  EXPECT_EQ(preset_names().size(), published.size());
+  for (const auto& [name, count] : published) {
+    double n = 0;
+    for (const TensorSlot& s : expected_tensors(preset_config(name))) n += double(shape_numel(s.shape));
+    EXPECT_NEAR(n / count, 1.0, 0.005) << name << ": " << n;
+  }
+  EXPECT_EQ(preset_config("llama-3.1-8b").rope_scaling.type, RopeScalingType::Llama3);
+  const std::string e = error_of([] { preset_config("llama-4-400b"); });
+  EXPECT_NE(e.find("llama-4-400b"), std::string::npos) << e;
+  EXPECT_NE(e.find("qwen2.5-72b"), std::string::npos) << e;
+}
+
+TEST(PlanGpu, NamesAndSizes) {
+  EXPECT_EQ(gpu_memory_bytes("rtx4090"), 24 * kGiB);
+  EXPECT_EQ(gpu_memory_bytes("RTX3090"), 24 * kGiB);
+  EXPECT_EQ(gpu_memory_bytes("l40s"), 48 * kGiB);
+  EXPECT_EQ(gpu_memory_bytes("a100-80"), 80 * kGiB);
+  EXPECT_EQ(gpu_memory_bytes("h200-141"), 141000000000ull);
+  EXPECT_EQ(gpu_memory_bytes("48GB"), 48000000000ull);
+  EXPECT_EQ(gpu_memory_bytes("24GiB"), 24 * kGiB);
+  const std::string e = error_of([] { gpu_memory_bytes("voodoo2"); });
+  EXPECT_NE(e.find("voodoo2"), std::string::npos) << e;
+  EXPECT_NE(e.find("h100-80"), std::string::npos) << e;
+  EXPECT_GT(host_memory_bytes(), 0u);
+}
+
+TEST(PlanValidation, ImpossibleSettingsNameTheKey) {
+  PlanInput in = cuda_input("llama-3.1-8b", 16, 1, 2048, OptimizerKind::adamw, "rtx4090");
+  in.lora.rank = 1025;  // k_proj is [4096 -> 1024]
+  std::string e = error_of([&] { make_plan(in); });
+  EXPECT_NE(e.find("lora.rank"), std::string::npos) << e;
+  EXPECT_NE(e.find("k_proj"), std::string::npos) << e;
+  in.lora.targets = {true, false, false, false, false, false, false};  // q_proj only: 4096 x 4096
+  EXPECT_NO_THROW(make_plan(in));
+  in = cuda_input("llama-2-7b", 16, 1, 4097, OptimizerKind::adamw, "rtx4090");
+  e = error_of([&] { make_plan(in); });
+  EXPECT_NE(e.find("data.seq_len"), std::string::npos) << e;
+  EXPECT_NE(e.find("4096"), std::string::npos) << e;
+  in.seq_len = 4096;
+  EXPECT_NO_THROW(make_plan(in));
+  in.micro_batch = 0;
+  e = error_of([&] { make_plan(in); });
+  EXPECT_NE(e.find("train.micro_batch"), std::string::npos) << e;
+}
+
+// The advice is tight: its micro-batch and seq_len fit and one more does not;
+// every switch's saving is the difference of the two plans.
+TEST(PlanAdvice, LimitsAreTightAndSwitchesAreDifferences) {
+  const PlanInput in = cuda_input("llama-3.1-8b", 64, 1, 2048, OptimizerKind::adamw, "rtx4090");
+  const PlanAdvice a = make_advice(in);
+  ASSERT_GT(a.max_micro_batch, 1);
+  PlanInput x = in;
+  x.micro_batch = a.max_micro_batch;
+  EXPECT_NE(make_plan(x).verdict, Verdict::does_not_fit);
+  x.micro_batch = a.max_micro_batch + 1;
+  EXPECT_EQ(make_plan(x).verdict, Verdict::does_not_fit);
+  ASSERT_GT(a.max_seq_len, 2048);
+  x = in;
+  x.seq_len = a.max_seq_len;
+  EXPECT_NE(make_plan(x).verdict, Verdict::does_not_fit);
+  if (a.max_seq_len < max_seq_len(in)) {
+    x.seq_len = a.max_seq_len + 1;
+    EXPECT_EQ(make_plan(x).verdict, Verdict::does_not_fit);
+  }
+  const uint64_t base = make_plan(in).device_bytes;
+  std::vector<std::string> names;
+  for (const PlanSwitch& s : a.switches) names.push_back(s.name);
+  for (const char* n :
+       {"checkpointing", "paged optimizer", "lower rank", "fewer targets", "shorter sequences"})
+    EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
+  for (const PlanSwitch& s : a.switches) {
+    if (s.name == "checkpointing") {
+      EXPECT_LT(s.saved_bytes, 0);  // on now: turning it off costs
+    } else {
+      EXPECT_GT(s.saved_bytes, 0) << s.name;
+    }
+  }
+  x = in;
+  x.lora.rank = 32;
+  const auto lower =
+      std::find_if(a.switches.begin(), a.switches.end(), [](auto& s) { return s.name == "lower rank"; });
+  EXPECT_EQ(lower->saved_bytes, int64_t(base) - int64_t(make_plan(x).device_bytes));
+  // A 70B model does not fit a 24 GiB card at any batch.
+  const PlanAdvice none =
+      make_advice(cuda_input("llama-2-70b", 16, 1, 512, OptimizerKind::paged_adamw, "rtx4090"));
+  EXPECT_EQ(none.max_micro_batch, 0);
+  EXPECT_EQ(none.max_seq_len, 0);
+}
+
+TEST(PlanAdvice, EveryPresetIsAnsweredInUnderASecond) {
+  for (const std::string& name : preset_names()) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const PlanInput in = cuda_input(name, 16, 1, 2048, OptimizerKind::adamw, "a100-80");
+    const MemoryPlan p = make_plan(in);
+    const PlanAdvice a = make_advice(in);
+    const std::string text = plan_table(p) + advice_text(p, a) + plan_json(p).dump();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_LT(s, 1.0) << name;
+    EXPECT_FALSE(text.empty());
+  }
+}
+
+TEST(PlanRecipe, ModelFromFolderOrPreset) {
+  ScratchDir d;
+  Recipe r;
+  r.model.path = (d / "absent").string();
+  std::string e = error_of([&] { model_config_for(r); });
+  EXPECT_NE(e.find("model.path"), std::string::npos) << e;
+  EXPECT_NE(e.find("llama-2-70b"), std::string::npos) << e;
+  r.model.preset = "llama-2-70b";
+  EXPECT_EQ(model_config_for(r).num_hidden_layers, 80);
+  write_builtin_model("tiny", d / "tiny");
+  r.model.path = (d / "tiny").string();
+  EXPECT_EQ(model_config_for(r).hidden_size, 128);  // the folder wins over the preset
+
+  r.lora.rank = 8;
+  r.lora.targets = {"q_proj", "v_proj"};
+  r.data.seq_len = 128;
+  r.train.micro_batch = 3;
+  r.train.optimizer = "paged_adamw";
+  r.quant.type = "none";
+  r.device.memory_budget = "rtx4090";
+  const PlanInput in = plan_input_from_recipe(r, model_config_for(r));
+  EXPECT_EQ(in.backend, PlanBackend::cuda);  // auto + a GPU budget
+  EXPECT_EQ(in.budget_bytes, 24 * kGiB);
+  EXPECT_FALSE(in.quantize);
+  EXPECT_EQ(in.lora.targets,
+            (std::array<bool, kNumLoraTargets>{true, false, true, false, false, false, false}));
+  EXPECT_EQ(in.optimizer.kind, OptimizerKind::paged_adamw);
+  EXPECT_EQ(in.micro_batch * in.seq_len, 384);
+  r.device.memory_budget = "lots";
+  e = error_of([&] { plan_input_from_recipe(r, model_config_for(r)); });
+  EXPECT_NE(e.find("device.memory_budget"), std::string::npos) << e;
+}
+
+// ---- `qlora estimate`
+
+std::pair<int, std::string> run_estimate(const std::string& args, const ScratchDir& d) {
+  const std::string cmd =
+      "QLORA_CACHE='" + (d / "cache").string() + "' '" + QLORA_BINARY + "' estimate " + args + " 2>&1";
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  for (size_t n; (n = fread(buf.data(), 1, buf.size(), p)) > 0;) out.append(buf.data(), n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+TEST(PlanCli, EstimatesAPresetAsTableAndJson) {
+  ScratchDir d;
+  auto [code, out] = run_estimate("--model llama-3.1-8b --gpu rtx4090 --seq 2048 --batch 1 --rank 16", d);
+  ASSERT_EQ(code, 0) << out;
+  for (const char* s : {"nf4 codes", "checkpointed layer inputs", "cross-entropy chunk", "CUDA context",
+                        "verdict", "fits", "largest micro_batch", "longest seq_len", "paged_adamw"})
+    EXPECT_NE(out.find(s), std::string::npos) << s << "\n" << out;
+  std::tie(code, out) =
+      run_estimate("--model llama-3.1-8b --gpu rtx4090 --seq 2048 --batch 1 --rank 16 --json", d);
+  ASSERT_EQ(code, 0) << out;
+  const auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j.at("verdict"), "fits");
+  EXPECT_EQ(j.at("budget_bytes").get<uint64_t>(), 24 * kGiB);
+  uint64_t device = 0;
+  for (const auto& b : j.at("buffers"))
+    if (b.at("place") == "device") device += b.at("bytes").get<uint64_t>();
+  EXPECT_EQ(device, j.at("device_bytes").get<uint64_t>());
+  EXPECT_GT(j.at("advice").at("max_micro_batch").get<int64_t>(), 1);
+  EXPECT_FALSE(j.at("advice").at("switches").empty());
+}
+
+TEST(PlanCli, EstimatesARecipeOnTheCpu) {
+  ScratchDir d;
+  testing::write_bytes(d / "train.jsonl", "{\"text\": \"hello\"}\n");
+  testing::write_bytes(d / "r.yaml",
+                       "model: {path: builtin:tiny}\n"
+                       "lora: {rank: 4, targets: attention}\n"
+                       "data: {train: train.jsonl, format: text, seq_len: 64}\n"
+                       "train: {micro_batch: 2, checkpointing: false}\n"
+                       "device: {backend: cpu}\n"
+                       "output: {dir: out}\n");
+  const auto [code, out] = run_estimate("'" + (d / "r.yaml").string() + "' --json", d);
+  ASSERT_EQ(code, 0) << out;
+  const auto j = nlohmann::json::parse(out);
+  EXPECT_EQ(j.at("backend"), "cpu");
+  EXPECT_EQ(j.at("settings").at("micro_batch"), 2);
+  EXPECT_EQ(j.at("settings").at("lora_targets").size(), 4u);
+  // The arenas as the library plans them for the same settings.
+  write_builtin_model("tiny", d / "tiny");
+  PlanInput in;
+  in.model = load_model_config(d / "tiny");
+  in.micro_batch = 2;
+  in.seq_len = 64;
+  in.checkpointing = false;
+  in.lora.rank = 4;
+  in.lora.targets = {true, true, true, true, false, false, false};
+  EXPECT_EQ(j.at("cpu_arenas").at("activations").get<uint64_t>(), make_plan(in).arenas.activations);
+  EXPECT_EQ(j.at("cpu_arenas").at("weights").get<uint64_t>(), make_plan(in).arenas.weights);
+}
+
+TEST(PlanCli, BadInputListsWhatIsKnown) {
+  ScratchDir d;
+  auto [code, out] = run_estimate("--model llama-9-1b --gpu rtx4090", d);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("llama-3.1-70b"), std::string::npos) << out;
+  std::tie(code, out) = run_estimate("--model llama-2-7b --gpu gtx1080", d);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("rtx4090"), std::string::npos) << out;
+  std::tie(code, out) = run_estimate("--model llama-2-7b --gpu rtx4090 --rank 5000", d);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("lora.rank"), std::string::npos) << out;
+  std::tie(code, out) = run_estimate("--model llama-2-7b --gpu rtx4090 --seq 8192", d);
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("data.seq_len"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace qlora
