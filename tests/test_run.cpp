@@ -162,6 +162,49 @@ TEST(Run, ADivergingRunStopsAndKeepsItsLastGoodCheckpoint) {
   EXPECT_TRUE(std::isfinite(*read_train_state(*ckpt).last_loss));
 }
 
+TEST(Run, ContinuingFromAnAdapterStartsWhereTheFirstRunEnded) {
+  ScratchDir d;
+  const RunSummary first = run_quiet(demo(d / "a", {"train.max_steps=3"}));
+  ASSERT_TRUE(first.last_val_loss);
+  const RunSummary second =
+      run_quiet(demo(d / "b", {"train.max_steps=1", "lora.init=" + (d / "a" / "adapter").string()}));
+  ASSERT_TRUE(second.first_val_loss);
+  // Same adapter, same validation rows, evaluation without dropout: the same loss.
+  EXPECT_EQ(*second.first_val_loss, *first.last_val_loss);
+
+  const std::string e =
+      error_of([&] { run_quiet(demo(d / "c", {"lora.rank=4", "lora.init=" + (d / "a" / "adapter").string()})); });
+  EXPECT_NE(e.find("lora.init"), std::string::npos) << e;
+}
+
+TEST(Run, APlanThatDoesNotFitStopsBeforeLoadingAnything) {
+  ScratchDir d;
+  const std::string e =
+      error_of([&] { run_quiet(demo(d / "run", {"device.backend=cpu", "device.memory_budget=1MiB"})); });
+  EXPECT_NE(e.find("does not fit"), std::string::npos) << e;
+  EXPECT_NE(e.find("micro_batch"), std::string::npos) << "the advice comes with it: " << e;
+  EXPECT_FALSE(fs::exists(d / "run" / "checkpoints"));
+}
+
+TEST(Run, EveryShippedRecipeLoadsAndEstimates) {
+  ScratchDir d;
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(kDemo.parent_path())) {
+    if (e.path().extension() != ".yaml") continue;
+    ++n;
+    const std::string cmd = "QLORA_CACHE='" + (d / "cache").string() + "' " + QLORA_BINARY + " estimate " +
+                            e.path().string() + " > " + (d / "out").string() + " 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << e.path() << "\n" << read_bytes(d / "out");
+    const std::string out = read_bytes(d / "out");
+    const size_t v = out.find("verdict");
+    ASSERT_NE(v, std::string::npos) << e.path() << "\n" << out;
+    const std::string verdict = out.substr(v, out.find('\n', v) - v);
+    EXPECT_NE(verdict.find("fits"), std::string::npos) << e.path() << ": " << verdict;
+    EXPECT_EQ(verdict.find("does not fit"), std::string::npos) << e.path() << ": " << verdict;
+  }
+  EXPECT_GE(n, 4);
+}
+
 TEST(Run, FineTuningStories260KOnAnInventedStyleLowersItsValidationLoss) {
   QLORA_REQUIRE_FIXTURES(fx);
   ScratchDir d;
@@ -185,10 +228,11 @@ TEST(Run, CliRunsTheRecipeWithOverridesAndRejectsABadOne) {
   ScratchDir d;
   const std::string base = std::string(QLORA_BINARY) + " run " + kDemo.string() + " output.dir=" +
                            (d / "run").string() + " data.cache=false --no-samples";
-  EXPECT_EQ(std::system((base + " train.max_steps=2 > " + (d / "log").string() + " 2>&1").c_str()), 0);
+  EXPECT_EQ(std::system((base + " train.max_steps=2 output.merge=true > " + (d / "log").string() + " 2>&1").c_str()), 0);
   const std::string log = read_bytes(d / "log");
   EXPECT_NE(log.find("trained 2 steps"), std::string::npos) << log;
   EXPECT_NE(log.find("exact"), std::string::npos) << log;  // planned == measured arenas
+  EXPECT_TRUE(fs::exists(d / "run" / "merged" / "config.json")) << "output.merge writes a merged HF folder";
 
   const int rc = std::system((base + " --overwrite train.lr=abc > " + (d / "bad").string() + " 2>&1").c_str());
   EXPECT_NE(rc, 0);

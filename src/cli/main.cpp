@@ -3,9 +3,11 @@
 // message on stderr and a non-zero exit code.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <map>
 #include <new>
+#include <unistd.h>
 #include <algorithm>
 
 #include "cli/commands.h"
@@ -18,7 +20,24 @@ std::vector<std::pair<int, AddCommand>>& command_registry() {
 }
 }  // namespace qlora::cli
 
+namespace {
+
+// OpenMP threads spin while they wait for work (libgomp: up to ~300k spins),
+// which on a few busy cores starves OpenBLAS's own threads and everything
+// else: the demo took 68 s with spinning and 8 s with passive waits on a
+// loaded 2-core machine (docs/engine.md). libgomp reads OMP_WAIT_POLICY once,
+// when it loads, before main(); so unless the user chose a policy, set
+// "passive" and run this program again. If exec fails we just go on.
+void ensure_passive_openmp_waits(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") || std::getenv("GOMP_SPINCOUNT")) return;
+  if (setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+  execv("/proc/self/exe", argv);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  ensure_passive_openmp_waits(argv);
   CLI::App app{"qlora: fine-tune open LLMs with QLoRA (4-bit NF4 base + LoRA adapters) on one GPU"};
   app.set_version_flag("--version", "qlora 0.1.0");
   app.require_subcommand(1);

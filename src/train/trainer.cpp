@@ -3,21 +3,18 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <vector>
 
-#include "core/atomic_file.h"
-#include "core/cache_dir.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "data/pipeline.h"
 #include "data/prepare.h"
-#include "model/builtin.h"
 #include "model/llama.h"
 #include "model/lora.h"
 #include "model/weights.h"
 #include "tokenizer/tokenizer.h"
 #include "tools/evaluate.h"
+#include "tools/merge_model.h"
 #include "train/batch.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
@@ -317,6 +314,12 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   save_peft_adapter(lora, cfg, sum.adapter_dir, setup.base_name);
   std::fprintf(out, "adapter: %s\n", sum.adapter_dir.string().c_str());
   if (o.samples) print_samples(setup, r, &lora, "after training", out);
+  if (r.output.merge) {
+    MergeOptions mo;
+    mo.overwrite = true;  // the run folder is ours: a resumed run replaces its earlier merge
+    merge_model(setup.model_dir, sum.adapter_dir, setup.output_dir / "merged", mo);
+    std::fprintf(out, "merged model: %s\n", (setup.output_dir / "merged").string().c_str());
+  }
   const std::string measured = plan_vs_measured_text(setup.plan, measured_arenas());
   std::fprintf(out, "%s", measured.c_str());
   write_run_report(setup, r, measured, wall_before + seconds_since(t_start), total, total);
