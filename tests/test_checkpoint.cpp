@@ -2,8 +2,6 @@
 // keep-last-K pruning; latest_checkpoint skipping broken and temporary
 // folders; failed writes leaving the previous checkpoint; resume checks.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -16,6 +14,7 @@
 
 #include "io/safetensors.h"
 #include "model/lora.h"
+#include "test_models.h"
 #include "testing.h"
 #include "train/checkpoint.h"
 
@@ -23,41 +22,7 @@ namespace qlora {
 namespace {
 
 namespace fs = std::filesystem;
-
-// Makes writes past `bytes` fail with EFBIG (as a full disk fails them with
-// ENOSPC) while alive; works for root too, unlike a read-only folder.
-class FileSizeLimit {
- public:
-  explicit FileSizeLimit(rlim_t bytes) {
-    getrlimit(RLIMIT_FSIZE, &old_);
-    old_sig_ = signal(SIGXFSZ, SIG_IGN);
-    rlimit l = old_;
-    l.rlim_cur = bytes;
-    setrlimit(RLIMIT_FSIZE, &l);
-  }
-  ~FileSizeLimit() {
-    setrlimit(RLIMIT_FSIZE, &old_);
-    signal(SIGXFSZ, old_sig_);
-  }
-
- private:
-  rlimit old_{};
-  sighandler_t old_sig_{};
-};
-
-ModelConfig gqa_config() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 64;
-  return c;
-}
+using testing::FileSizeLimit;
 
 LoraConfig lora_config(int64_t rank = 4) {
   LoraConfig lc;
@@ -71,7 +36,7 @@ LoraConfig lora_config(int64_t rank = 4) {
 
 // A run in progress: LoRA weights and an optimizer after a few steps.
 struct TrainRun {
-  ModelConfig cfg = gqa_config();
+  ModelConfig cfg = testing::tiny_gqa_config(2);
   LoraWeights lora;
   Optimizer opt;
   TrainState state;
@@ -330,7 +295,7 @@ TEST(Checkpoint, LoadRejectsAnotherShapeAndLeavesTheRunAlone) {
     EXPECT_TRUE(unchanged(r, before));
   }
   {  // another model (GQA off: k/v widths differ)
-    ModelConfig cfg = gqa_config();
+    ModelConfig cfg = testing::tiny_gqa_config(2);
     cfg.num_key_value_heads = 4;
     LoraWeights lw(cfg, lora_config());
     Optimizer opt(TrainRun::make_opt(OptimizerKind::adamw), lw.flat_size());

@@ -3,10 +3,9 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 
 #include "testing.h"
 
@@ -21,19 +20,12 @@ struct CliRun {
   std::string out, err;
 };
 
+// Stdout and stderr apart (stdout is parsed as JSON); the model cache in the
+// scratch folder.
 CliRun run(const std::string& args, const fs::path& scratch) {
   const fs::path err = scratch / "stderr.txt";
-  const std::string cmd = "QLORA_CACHE='" + (scratch / "cache").string() + "' '" + QLORA_BINARY + "' " + args +
-                          " 2>'" + err.string() + "'";
-  CliRun r;
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.err = testing::read_bytes(err);
-  return r;
+  testing::CliResult r = testing::run_qlora(args, "QLORA_CACHE='" + (scratch / "cache").string() + "'", err);
+  return {r.status, std::move(r.output), testing::read_bytes(err)};
 }
 
 TEST(Cli, HelpAndUsageErrors) {

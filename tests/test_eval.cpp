@@ -3,9 +3,7 @@
 // micro-batch, leaves the model's forward count alone; `qlora eval` prints
 // that loss and exp(loss) for a dataset through the data pipeline.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
 #include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -16,6 +14,7 @@
 #include "model/llama.h"
 #include "model/lora.h"
 #include "model/weights.h"
+#include "test_models.h"
 #include "testing.h"
 #include "tools/evaluate.h"
 #include "train/batch.h"
@@ -25,20 +24,10 @@ namespace qlora {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::CliResult;
+using testing::random_lora;
+using testing::run_qlora;
 using testing::ScratchDir;
-
-LoraWeights random_lora(const ModelConfig& cfg, LoraConfig lc, unsigned seed) {
-  LoraWeights w(cfg, lc);
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
-    for (int t = 0; t < kNumLoraTargets; ++t) {
-      const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
-      const auto a = testing::randn(lc.rank * in, seed++, 0.05f),
-                 b = testing::randn(out * lc.rank, seed++, 0.05f);
-      std::copy(a.begin(), a.end(), w.A(l, LoraTarget(t)));
-      std::copy(b.begin(), b.end(), w.B(l, LoraTarget(t)));
-    }
-  return w;
-}
 
 // Rows of T tokens: two documents each (positions restart), the first tokens
 // of each untrained (a prompt), then padding; lengths vary by row.
@@ -97,7 +86,7 @@ TEST(EvalRows, EqualsAnIndependentComputationForEveryMicroBatch) {
   const LlamaWeights w = load_llama_weights(dir / "m");  // NF4, as training sees it
   LoraConfig lc;
   lc.rank = 4;
-  LoraWeights lora = random_lora(w.cfg, lc, 5);
+  LoraWeights lora = random_lora(w.cfg, lc, 5, 0.05f);
   const int64_t T = 24;
   const auto rows = make_rows(5, T, int32_t(w.cfg.vocab_size), 9);
   LlamaModel model(w, &lora, 5, T);
@@ -165,17 +154,6 @@ void write_text_jsonl(const fs::path& p, const std::vector<std::string>& texts) 
   testing::write_bytes(p, out);
 }
 
-std::pair<int, std::string> run_eval(const std::string& args) {
-  const std::string cmd =
-      std::string("OMP_WAIT_POLICY=passive '") + QLORA_BINARY + "' eval " + args + " 2>&1";
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  for (size_t n; (n = fread(buf.data(), 1, buf.size(), p)) > 0;) out.append(buf.data(), n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
 TEST(EvalModel, StoriesModelPrefersStoriesAndTheCliAgrees) {
   QLORA_REQUIRE_FIXTURES(fx);
   const fs::path model = fx / "models/stories260K/hf";
@@ -207,36 +185,36 @@ TEST(EvalModel, StoriesModelPrefersStoriesAndTheCliAgrees) {
   // The CLI: the same numbers, as text and as JSON.
   const std::string args = "--model '" + model.string() + "' --data '" + (dir / "story.jsonl").string() +
                            "' --format text --seq-len 64 --batch 2 --quant none";
-  auto [code, out] = run_eval(args);
-  ASSERT_EQ(code, 0) << out;
+  CliResult r = run_qlora("eval " + args);
+  ASSERT_EQ(r.status, 0) << r.output;
   double loss = 0, ppl = 0;
   long long targets = 0, rows = 0;
-  const size_t at = out.find("loss ");
-  ASSERT_NE(at, std::string::npos) << out;
-  ASSERT_EQ(std::sscanf(out.c_str() + at, "loss %lf  perplexity %lf  (%lld target tokens in %lld rows)",
+  const size_t at = r.output.find("loss ");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  ASSERT_EQ(std::sscanf(r.output.c_str() + at, "loss %lf  perplexity %lf  (%lld target tokens in %lld rows)",
                         &loss, &ppl, &targets, &rows),
             4)
-      << out;
+      << r.output;
   EXPECT_NEAR(loss, story.loss, 1e-4);
   EXPECT_NEAR(ppl, story.perplexity, 0.01);
   EXPECT_EQ(targets, story.target_tokens);
   EXPECT_EQ(rows, story.rows);
-  std::tie(code, out) = run_eval(args + " --json");
-  ASSERT_EQ(code, 0) << out;
-  const auto j = nlohmann::json::parse(out);
+  r = run_qlora("eval " + args + " --json");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
   EXPECT_NEAR(j.at("loss").get<double>(), story.loss, 1e-9 * story.loss);
   EXPECT_DOUBLE_EQ(j.at("perplexity").get<double>(), std::exp(j.at("loss").get<double>()));
   EXPECT_EQ(j.at("target_tokens").get<int64_t>(), story.target_tokens);
   EXPECT_EQ(j.at("samples").get<int64_t>(), 3);
 
   // Bad input: named.
-  std::tie(code, out) = run_eval(args + " --field nonsense=x");
-  EXPECT_NE(code, 0);
-  EXPECT_NE(out.find("nonsense"), std::string::npos) << out;
-  std::tie(code, out) = run_eval("--model '" + model.string() + "' --data '" +
-                                 (dir / "missing.jsonl").string() + "' --format text");
-  EXPECT_NE(code, 0);
-  EXPECT_NE(out.find("missing.jsonl"), std::string::npos) << out;
+  r = run_qlora("eval " + args + " --field nonsense=x");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("nonsense"), std::string::npos) << r.output;
+  r = run_qlora("eval --model '" + model.string() + "' --data '" + (dir / "missing.jsonl").string() +
+                "' --format text");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("missing.jsonl"), std::string::npos) << r.output;
 }
 
 TEST(EvalModel, AdapterIsAppliedWithoutDropout) {
@@ -262,7 +240,7 @@ TEST(EvalModel, AdapterIsAppliedWithoutDropout) {
   EXPECT_DOUBLE_EQ(evaluate_model(opt).loss, base.loss);
 
   // A non-zero adapter saved with dropout 0.1 evaluates as with dropout 0.
-  const LoraWeights nz = random_lora(cfg, lc, 2);
+  const LoraWeights nz = random_lora(cfg, lc, 2, 0.05f);
   save_peft_adapter(nz, cfg, dir / "nz0", "stories260K");
   lc.dropout = 0.1;
   LoraWeights nzd(cfg, lc);

@@ -2,10 +2,7 @@
 // reference greedy continuation (expected_greedy_200.json), from prompt ids
 // and from a text prompt through the model's tokenizer.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -17,15 +14,8 @@
 namespace qlora {
 namespace {
 
-std::pair<int, std::string> run_generate(const std::string& args) {
-  const std::string cmd = std::string("OMP_WAIT_POLICY=passive '") + QLORA_BINARY + "' generate " + args + " 2>&1";
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  for (size_t n; (n = fread(buf.data(), 1, buf.size(), p)) > 0;) out.append(buf.data(), n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
+using testing::CliResult;
+using testing::run_qlora;
 
 std::vector<int> ids_line(const std::string& out) {
   std::vector<int> ids;
@@ -42,27 +32,27 @@ TEST(GenerateCli, PrintsTheReferenceContinuation) {
   std::ifstream f(dir / "expected_greedy_200.json");
   const auto ref = nlohmann::json::parse(f).at("greedy_ids").get<std::vector<int>>();
   const std::string model = "--model '" + dir.string() + "' --dense --max-new-tokens 24 ";
-  const auto [code, out] = run_generate(model + "--prompt-ids 1");
-  ASSERT_EQ(code, 0) << out;
-  EXPECT_EQ(ids_line(out), std::vector<int>(ref.begin(), ref.begin() + 24)) << out;
-  EXPECT_NE(out.find("Once upon a time"), std::string::npos) << out;
+  const CliResult r = run_qlora("generate " + model + "--prompt-ids 1");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(ids_line(r.output), std::vector<int>(ref.begin(), ref.begin() + 24)) << r.output;
+  EXPECT_NE(r.output.find("Once upon a time"), std::string::npos) << r.output;
   // The text of the first 6 reference tokens ("Once upon a time, there") as a
   // prompt continues with the next 24: the tokenizer re-encodes the text to
   // the same ids, after BOS.
-  const auto [code2, out2] = run_generate(model + "--prompt 'Once upon a time, there'");
-  ASSERT_EQ(code2, 0) << out2;
-  const auto got = ids_line(out2);  // the generated ids only
-  EXPECT_EQ(got, std::vector<int>(ref.begin() + 6, ref.begin() + 30)) << out2;
+  const CliResult text = run_qlora("generate " + model + "--prompt 'Once upon a time, there'");
+  ASSERT_EQ(text.status, 0) << text.output;
+  const auto got = ids_line(text.output);  // the generated ids only
+  EXPECT_EQ(got, std::vector<int>(ref.begin() + 6, ref.begin() + 30)) << text.output;
 }
 
 TEST(GenerateCli, BadInputIsRefused) {
   QLORA_REQUIRE_FIXTURES(fx);
   const auto dir = fx / "models/stories260K/hf";
-  auto [code, out] = run_generate("--model '" + dir.string() + "' --prompt-ids '1 99999'");
-  EXPECT_EQ(code, 1) << out;
-  std::tie(code, out) = run_generate("--model /nonexistent/model --prompt-ids 1");
-  EXPECT_EQ(code, 1) << out;
-  EXPECT_NE(out.find("/nonexistent/model"), std::string::npos) << out;
+  CliResult r = run_qlora("generate --model '" + dir.string() + "' --prompt-ids '1 99999'");
+  EXPECT_EQ(r.status, 1) << r.output;
+  r = run_qlora("generate --model /nonexistent/model --prompt-ids 1");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("/nonexistent/model"), std::string::npos) << r.output;
 }
 
 }  // namespace

@@ -1,7 +1,12 @@
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
+#include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <random>
@@ -46,6 +51,40 @@ std::string read_bytes(const fs::path& p) {
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+CliResult run_qlora(const std::string& args, const std::string& env, const fs::path& stderr_file) {
+  const std::string to = stderr_file.empty() ? std::string("&1") : "'" + stderr_file.string() + "'";
+  const std::string cmd =
+      env + " OMP_WAIT_POLICY=passive '" + std::string(QLORA_BINARY) + "' " + args + " 2>" + to;
+  CliResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) {
+    ADD_FAILURE() << "popen failed: " << cmd;
+    return r;
+  }
+  std::array<char, 4096> buf;
+  for (size_t n; (n = fread(buf.data(), 1, buf.size(), p)) > 0;) r.output.append(buf.data(), n);
+  const int status = pclose(p);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+FileSizeLimit::FileSizeLimit(uint64_t bytes) {
+  rlimit l{};
+  getrlimit(RLIMIT_FSIZE, &l);
+  old_limit_ = l.rlim_cur;
+  old_handler_ = std::signal(SIGXFSZ, SIG_IGN);
+  l.rlim_cur = static_cast<rlim_t>(bytes);
+  setrlimit(RLIMIT_FSIZE, &l);
+}
+
+FileSizeLimit::~FileSizeLimit() {
+  rlimit l{};
+  getrlimit(RLIMIT_FSIZE, &l);
+  l.rlim_cur = static_cast<rlim_t>(old_limit_);
+  setrlimit(RLIMIT_FSIZE, &l);
+  std::signal(SIGXFSZ, old_handler_);
 }
 
 }  // namespace qlora::testing

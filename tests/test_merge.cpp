@@ -3,9 +3,7 @@
 // every other tensor untouched, merges onto the dequantized weights of a
 // 4-bit checkpoint, shards like quantize, and refuses bad input.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -19,6 +17,7 @@
 #include "model/lora.h"
 #include "model/tensor_table.h"
 #include "model/weights.h"
+#include "test_models.h"
 #include "testing.h"
 #include "tools/merge_model.h"
 #include "tools/quantize_model.h"
@@ -27,6 +26,8 @@ namespace qlora {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::random_lora;
+using testing::run_qlora;
 using testing::ScratchDir;
 
 std::vector<float> as_f32(const SafetensorsModel& m, const std::string& name) {
@@ -34,22 +35,6 @@ std::vector<float> as_f32(const SafetensorsModel& m, const std::string& name) {
   std::vector<float> v(static_cast<size_t>(e.info->numel()));
   convert_to_f32(e.file->data(*e.info).data(), e.info->dtype, v.size(), v.data());
   return v;
-}
-
-// An adapter with random non-zero A and B (PEFT's init has B = 0, which would
-// make any merge look right).
-LoraWeights random_lora(const ModelConfig& cfg, const LoraConfig& lc, unsigned seed, float sigma) {
-  LoraWeights w(cfg, lc);
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
-    for (int t = 0; t < kNumLoraTargets; ++t) {
-      if (!w.has(LoraTarget(t))) continue;
-      const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
-      const auto a = testing::randn(lc.rank * in, seed++, sigma),
-                 b = testing::randn(out * lc.rank, seed++, sigma);
-      std::copy(a.begin(), a.end(), w.A(l, LoraTarget(t)));
-      std::copy(b.begin(), b.end(), w.B(l, LoraTarget(t)));
-    }
-  return w;
 }
 
 // A PEFT adapter folder as PEFT writes it (F32 tensors, PEFT names).
@@ -111,27 +96,6 @@ std::vector<float> as_f16_rounded(const std::vector<float>& x) {
   std::vector<float> y(x.size());
   convert_to_f32(h.data(), DType::F16, h.size(), y.data());
   return y;
-}
-
-std::optional<LoraTarget> target_of(TensorKind k) {
-  switch (k) {
-    case TensorKind::Q:
-      return LoraTarget::Q;
-    case TensorKind::K:
-      return LoraTarget::K;
-    case TensorKind::V:
-      return LoraTarget::V;
-    case TensorKind::O:
-      return LoraTarget::O;
-    case TensorKind::Gate:
-      return LoraTarget::Gate;
-    case TensorKind::Up:
-      return LoraTarget::Up;
-    case TensorKind::Down:
-      return LoraTarget::Down;
-    default:
-      return std::nullopt;
-  }
 }
 
 // Checks merged = W + scale * B A for an (OUT, IN) weight against a double
@@ -204,7 +168,7 @@ TEST(Merge, Bf16MergeMatchesBasePlusAdapter) {
   for (const TensorSlot& s : expected_tensors(fx.cfg)) {
     SCOPED_TRACE(s.name);
     EXPECT_EQ(out.at(s.name).info->dtype, DType::BF16);
-    const auto tg = target_of(s.kind);
+    const auto tg = lora_target_of(s.kind);
     if (s.is_block_linear && tg && fx.lora->has(*tg)) {
       expect_merged(as_f32(out, s.name), as_f32(in, s.name), *fx.lora, s.layer, *tg, s.shape[1], 0x1p-8,
                     s.name);
@@ -260,7 +224,7 @@ TEST(Merge, RsloraScaleAndF16) {
   for (const TensorSlot& s : expected_tensors(fx.cfg)) {
     SCOPED_TRACE(s.name);
     EXPECT_EQ(out.at(s.name).info->dtype, DType::F16);
-    const auto tg = target_of(s.kind);
+    const auto tg = lora_target_of(s.kind);
     if (s.is_block_linear && tg && fx.lora->has(*tg))
       expect_merged(as_f32(out, s.name), as_f32(in, s.name), *fx.lora, s.layer, *tg, s.shape[1], 0x1p-11,
                     s.name, 0x1p-25);
@@ -298,7 +262,7 @@ TEST(Merge, FromA4BitCheckpointUsesTheDequantizedWeights) {
     }
     const LlamaLayerWeights& L = deq.layers[size_t(s.layer)];
     const ops::LinearWeight* lw[] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
-    const auto tg = *target_of(s.kind);
+    const auto tg = *lora_target_of(s.kind);
     const float* d = lw[int(tg)]->dense;
     const std::vector<float> W(d, d + shape_numel(s.shape));
     if (fx.lora->has(tg))
@@ -408,21 +372,12 @@ TEST(Merge, Refusals) {
 
 TEST(MergeCli, MergesAndRefuses) {
   Fixture fx;
-  auto run = [&](const std::string& args) {
-    const std::string cmd = "OMP_WAIT_POLICY=passive QLORA_CACHE='" + (fx.dir / "cache").string() + "' '" +
-                            QLORA_BINARY + "' merge " + args + " 2>&1";
-    std::string out;
-    FILE* p = popen(cmd.c_str(), "r");
-    std::array<char, 4096> buf;
-    for (size_t n; (n = fread(buf.data(), 1, buf.size(), p)) > 0;) out.append(buf.data(), n);
-    const int status = pclose(p);
-    return std::pair<int, std::string>{WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-  };
+  const std::string cache = "QLORA_CACHE='" + (fx.dir / "cache").string() + "'";
   const std::string common = "--model builtin:tiny --adapter '" + (fx.dir / "adapter").string() + "' -o '" +
                              (fx.dir / "cli").string() + "'";
-  auto [code, out] = run(common + " --dtype f32");
-  ASSERT_EQ(code, 0) << out;
-  EXPECT_NE(out.find("20 linear weights"), std::string::npos) << out;
+  auto r = run_qlora("merge " + common + " --dtype f32", cache);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("20 linear weights"), std::string::npos) << r.output;
   EXPECT_EQ(load_model_config(fx.dir / "cli").torch_dtype, "float32");
   // The cached builtin:tiny is the same model as the fixture's base.
   const SafetensorsModel a(fx.dir / "cli");
@@ -434,11 +389,11 @@ TEST(MergeCli, MergesAndRefuses) {
     const auto x = a.data(n), y = b.data(n);
     EXPECT_TRUE(std::equal(x.begin(), x.end(), y.begin(), y.end())) << n;
   }
-  std::tie(code, out) = run(common);
-  EXPECT_EQ(code, 1) << out;
-  EXPECT_NE(out.find("--overwrite"), std::string::npos) << out;
-  std::tie(code, out) = run(common + " --overwrite");
-  EXPECT_EQ(code, 0) << out;
+  r = run_qlora("merge " + common, cache);
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("--overwrite"), std::string::npos) << r.output;
+  r = run_qlora("merge " + common + " --overwrite", cache);
+  EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(load_model_config(fx.dir / "cli").torch_dtype, "bfloat16");
 }
 

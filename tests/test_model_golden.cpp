@@ -1,6 +1,7 @@
-// The model against an independent torch implementation (golden file), and
-// activation checkpointing against no checkpointing.
-// If the golden file's format changes, re-run:
+// The model against an independent torch implementation (golden files: a
+// llama and a qwen2 tiny model), and activation checkpointing against no
+// checkpointing.
+// If a golden file's format changes, re-run (it rewrites both files):
 //   /usr/bin/python3 tests/reference/make_model_golden.py
 #include <gtest/gtest.h>
 
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "io/safetensors.h"
@@ -19,38 +21,52 @@ namespace {
 
 constexpr const char* kRegen = "re-run /usr/bin/python3 tests/reference/make_model_golden.py";
 
-const SafetensorsFile& golden() {
-  static const SafetensorsFile f(std::string(QLORA_SOURCE_DIR) + "/tests/reference/model_golden.safetensors");
+SafetensorsFile open_golden(const char* file) {
+  return SafetensorsFile(std::string(QLORA_SOURCE_DIR) + "/tests/reference/" + file);
+}
+
+// llama: GQA, explicit head_dim, llama3 rope scaling, untied lm_head, no biases.
+const SafetensorsFile& llama_golden() {
+  static const SafetensorsFile f = open_golden("model_golden.safetensors");
+  return f;
+}
+
+// qwen2: q/k/v biases, derived head_dim, default rope, tied lm_head.
+const SafetensorsFile& qwen2_golden() {
+  static const SafetensorsFile f = open_golden("model_golden_qwen2.safetensors");
   return f;
 }
 
 template <typename T>
-std::vector<T> gtensor(const std::string& name) {
-  return testing::golden_tensor<T>(golden(), name, kRegen);
+std::vector<T> gtensor(const SafetensorsFile& g, const std::string& name) {
+  return testing::golden_tensor<T>(g, name, kRegen);
 }
 
-// The golden model as an HF folder (config.json + model.safetensors).
-void write_golden_model(const std::filesystem::path& dir) {
+// A golden model as an HF folder (config.json + model.safetensors), without
+// the tensor named `drop` (if any).
+void write_golden_model(const SafetensorsFile& g, const std::filesystem::path& dir,
+                        std::string_view drop = {}) {
   std::vector<OwnedTensor> ts;
-  for (const TensorInfo& t : golden().tensors()) {
+  for (const TensorInfo& t : g.tensors()) {
     if (t.name.rfind("model.", 0) != 0 && t.name != "lm_head.weight") continue;
-    const auto bytes = golden().data(t);
+    if (t.name == drop) continue;
+    const auto bytes = g.data(t);
     ts.push_back({t.name, t.dtype, t.shape, std::vector<uint8_t>(bytes.begin(), bytes.end())});
   }
   save_safetensors(dir / "model.safetensors", ts);
-  testing::write_bytes(dir / "config.json", golden().metadata().at("config"));
+  testing::write_bytes(dir / "config.json", g.metadata().at("config"));
 }
 
-LoraWeights golden_lora(const ModelConfig& cfg, double dropout = 0.0) {
+LoraWeights golden_lora(const SafetensorsFile& g, const ModelConfig& cfg, double dropout = 0.0) {
   LoraConfig lc;
-  lc.rank = std::stoll(golden().metadata().at("lora_rank"));
-  lc.alpha = std::stod(golden().metadata().at("lora_alpha"));
+  lc.rank = std::stoll(g.metadata().at("lora_rank"));
+  lc.alpha = std::stod(g.metadata().at("lora_alpha"));
   lc.dropout = dropout;
   LoraWeights lw(cfg, lc);
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
     for (int t = 0; t < kNumLoraTargets; ++t)
       for (bool a : {true, false}) {
-        const auto v = gtensor<float>(lw.peft_name(l, LoraTarget(t), a));
+        const auto v = gtensor<float>(g, lw.peft_name(l, LoraTarget(t), a));
         std::copy(v.begin(), v.end(), a ? lw.A(l, LoraTarget(t)) : lw.B(l, LoraTarget(t)));
       }
   return lw;
@@ -68,39 +84,41 @@ double rel_error(const float* a, const std::vector<float>& b) {
 }
 
 struct GoldenBatch {
-  std::vector<int32_t> tokens = gtensor<int32_t>("input.tokens"), targets = gtensor<int32_t>("input.targets"),
-                       positions = gtensor<int32_t>("input.positions");
-  int64_t B = golden().find("input.tokens")->shape[0], T = golden().find("input.tokens")->shape[1];
+  explicit GoldenBatch(const SafetensorsFile& g)
+      : tokens(gtensor<int32_t>(g, "input.tokens")),
+        targets(gtensor<int32_t>(g, "input.targets")),
+        positions(gtensor<int32_t>(g, "input.positions")),
+        B(g.find("input.tokens")->shape[0]),
+        T(g.find("input.tokens")->shape[1]) {}
+  std::vector<int32_t> tokens, targets, positions;
+  int64_t B, T;
   LlamaBatch batch() const { return {tokens.data(), targets.data(), positions.data(), B, T}; }
 };
 
-TEST(ModelGolden, FileIsTheExpectedVersion) {
-  const auto& m = golden().metadata();
-  ASSERT_EQ(m.count("magic"), 1u) << kRegen;
-  EXPECT_EQ(m.at("magic"), "qlora-model-golden") << kRegen;
-  EXPECT_EQ(m.at("version"), "1") << kRegen;
+TEST(ModelGolden, FilesAreTheExpectedVersion) {
+  for (const SafetensorsFile* g : {&llama_golden(), &qwen2_golden()}) {
+    const auto& m = g->metadata();
+    ASSERT_EQ(m.count("magic"), 1u) << g->path() << ": " << kRegen;
+    EXPECT_EQ(m.at("magic"), "qlora-model-golden") << g->path() << ": " << kRegen;
+    EXPECT_EQ(m.at("version"), "1") << g->path() << ": " << kRegen;
+  }
 }
 
 // Tolerances of the issue: fp32 on both sides, differing only in summation
 // order, so logits agree to ~1e-6 and gradients (longer chains) to ~1e-5.
-TEST(ModelGolden, LogitsLossAndLoraGradientsMatchTorch) {
-  testing::ScratchDir dir;
-  write_golden_model(dir.path());
-  WeightLoadOptions opt;
-  opt.quantize = false;  // the golden base weights are plain fp32 (see the script)
-  const LlamaWeights w = load_llama_weights(dir.path(), opt);
-  LoraWeights lora = golden_lora(w.cfg);
-  const GoldenBatch gb;
+void expect_matches_torch(const SafetensorsFile& g, const LlamaWeights& w) {
+  LoraWeights lora = golden_lora(g, w.cfg);
+  const GoldenBatch gb(g);
   LlamaModel model(w, &lora, gb.B, gb.T);
 
-  std::vector<float> logits(size_t(gb.B * gb.T * w.cfg.vocab_size));
+  std::vector<float> logits(static_cast<size_t>(gb.B * gb.T * w.cfg.vocab_size));
   model.logits(logits.data(), gb.batch());
-  const auto expect_logits = gtensor<float>("expected.logits");
+  const auto expect_logits = gtensor<float>(g, "expected.logits");
   ASSERT_EQ(logits.size(), expect_logits.size()) << kRegen;
   EXPECT_LE(rel_error(logits.data(), expect_logits), 1e-5);
 
   const double loss = model.forward(gb.batch());
-  const float expect_loss = gtensor<float>("expected.loss")[0];
+  const float expect_loss = gtensor<float>(g, "expected.loss")[0];
   EXPECT_NEAR(loss, expect_loss, 1e-5 * std::abs(expect_loss));
   lora.zero_grad();
   model.backward();
@@ -108,38 +126,85 @@ TEST(ModelGolden, LogitsLossAndLoraGradientsMatchTorch) {
     for (int t = 0; t < kNumLoraTargets; ++t)
       for (bool a : {true, false}) {
         const std::string name = lora.peft_name(l, LoraTarget(t), a);
-        const auto g = gtensor<float>("grad." + name);
+        const auto grad = gtensor<float>(g, "grad." + name);
         const float* mine = a ? lora.dA(l, LoraTarget(t)) : lora.dB(l, LoraTarget(t));
-        EXPECT_LE(rel_error(mine, g), 1e-4) << name;
+        EXPECT_LE(rel_error(mine, grad), 1e-4) << name;
       }
+}
+
+LlamaWeights load_dense(const std::filesystem::path& dir) {
+  WeightLoadOptions opt;
+  opt.quantize = false;  // the golden base weights are plain fp32 (see the script)
+  return load_llama_weights(dir, opt);
+}
+
+TEST(ModelGolden, LogitsLossAndLoraGradientsMatchTorch) {
+  testing::ScratchDir dir;
+  write_golden_model(llama_golden(), dir.path());
+  const LlamaWeights w = load_dense(dir.path());
+  ASSERT_NE(w.lm_head, w.embed);  // the untied path
+  expect_matches_torch(llama_golden(), w);
+}
+
+// The same through Qwen2's differences: the q/k/v biases (added before RoPE,
+// and still there under the LoRA), no o_proj bias, a tied lm_head, and a
+// sliding_window that must not apply (use_sliding_window is false; the
+// documents are longer than the window).
+TEST(ModelGolden, Qwen2LogitsLossAndLoraGradientsMatchTorch) {
+  testing::ScratchDir dir;
+  write_golden_model(qwen2_golden(), dir.path());
+  const LlamaWeights w = load_dense(dir.path());
+  ASSERT_EQ(w.cfg.arch, Arch::Qwen2);
+  EXPECT_EQ(w.lm_head, w.embed);
+  for (const LlamaLayerWeights& lw : w.layers) {
+    EXPECT_NE(lw.q_bias, nullptr);
+    EXPECT_NE(lw.k_bias, nullptr);
+    EXPECT_NE(lw.v_bias, nullptr);
+    EXPECT_EQ(lw.o_bias, nullptr);
+  }
+  expect_matches_torch(qwen2_golden(), w);
+}
+
+TEST(ModelGolden, Qwen2FolderMissingABiasNamesTheTensor) {
+  testing::ScratchDir dir;
+  const std::string missing = "model.layers.1.self_attn.q_proj.bias";
+  ASSERT_NE(qwen2_golden().find(missing), nullptr) << kRegen;
+  write_golden_model(qwen2_golden(), dir.path(), missing);
+  const std::string err = testing::error_of([&] { load_llama_weights(dir.path()); });
+  EXPECT_NE(err.find(missing), std::string::npos) << err;
 }
 
 // Gradients with and without checkpointing, bit for bit: the recomputation
 // runs the same ops on the same inputs (dropout masks are counter-based).
+// NF4 base weights; the qwen2 model adds the biased projections.
 TEST(ModelGolden, CheckpointingGivesIdenticalGradients) {
-  testing::ScratchDir dir;
-  write_golden_model(dir.path());
-  const LlamaWeights w = load_llama_weights(dir.path());  // NF4 this time
-  const GoldenBatch gb;
-  std::vector<std::vector<float>> grads[2];
-  for (int ckpt = 0; ckpt < 2; ++ckpt) {
-    LoraWeights lora = golden_lora(w.cfg, 0.1);
-    LlamaRunOptions ro;
-    ro.checkpointing = ckpt == 1;
-    LlamaModel model(w, &lora, gb.B, gb.T, ro);
-    model.forward(gb.batch());
-    model.backward();
-    for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
-      for (int t = 0; t < kNumLoraTargets; ++t) {
-        const auto [in, out] = lora_target_dims(w.cfg, LoraTarget(t));
-        const float* a = lora.dA(l, LoraTarget(t));
-        const float* b = lora.dB(l, LoraTarget(t));
-        grads[ckpt].emplace_back(a, a + 4 * in);
-        grads[ckpt].emplace_back(b, b + out * 4);
-      }
+  for (const SafetensorsFile* g : {&llama_golden(), &qwen2_golden()}) {
+    SCOPED_TRACE(g->path().string());
+    testing::ScratchDir dir;
+    write_golden_model(*g, dir.path());
+    const LlamaWeights w = load_llama_weights(dir.path());  // NF4 this time
+    const GoldenBatch gb(*g);
+    std::vector<std::vector<float>> grads[2];
+    for (int ckpt = 0; ckpt < 2; ++ckpt) {
+      LoraWeights lora = golden_lora(*g, w.cfg, 0.1);
+      const int64_t r = lora.config().rank;
+      LlamaRunOptions ro;
+      ro.checkpointing = ckpt == 1;
+      LlamaModel model(w, &lora, gb.B, gb.T, ro);
+      model.forward(gb.batch());
+      model.backward();
+      for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
+        for (int t = 0; t < kNumLoraTargets; ++t) {
+          const auto [in, out] = lora_target_dims(w.cfg, LoraTarget(t));
+          const float* a = lora.dA(l, LoraTarget(t));
+          const float* b = lora.dB(l, LoraTarget(t));
+          grads[ckpt].emplace_back(a, a + r * in);
+          grads[ckpt].emplace_back(b, b + out * r);
+        }
+    }
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_EQ(grads[0][i], grads[1][i]) << "tensor " << i;
   }
-  ASSERT_EQ(grads[0].size(), grads[1].size());
-  for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_EQ(grads[0][i], grads[1][i]) << "tensor " << i;
 }
 
 }  // namespace

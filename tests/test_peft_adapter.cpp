@@ -1,8 +1,6 @@
 // The PEFT adapter folder: written atomically, read back bit for bit by
 // LoraWeights::load_peft, with PEFT's config fields and tensor names/shapes.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/resource.h>
 
 #include <algorithm>
 #include <cstring>
@@ -13,63 +11,15 @@
 
 #include "io/safetensors.h"
 #include "model/lora.h"
+#include "test_models.h"
 #include "testing.h"
 #include "train/peft_adapter.h"
 
 namespace qlora {
 namespace {
 
-// Makes writes past `bytes` fail with EFBIG (as a full disk fails them with
-// ENOSPC) while alive; works for root too, unlike a read-only folder.
-class FileSizeLimit {
- public:
-  explicit FileSizeLimit(rlim_t bytes) {
-    getrlimit(RLIMIT_FSIZE, &old_);
-    old_sig_ = signal(SIGXFSZ, SIG_IGN);
-    rlimit l = old_;
-    l.rlim_cur = bytes;
-    setrlimit(RLIMIT_FSIZE, &l);
-  }
-  ~FileSizeLimit() {
-    setrlimit(RLIMIT_FSIZE, &old_);
-    signal(SIGXFSZ, old_sig_);
-  }
-
- private:
-  rlimit old_{};
-  sighandler_t old_sig_{};
-};
-
-// A tiny Llama with grouped-query attention: k/v project to 16, q to 32.
-ModelConfig gqa_config() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 3;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 64;
-  return c;
-}
-
-// Random A and B (B nonzero, unlike the default init, so a swap of A and B or
-// of two layers would show).
-LoraWeights random_lora(const ModelConfig& cfg, const LoraConfig& lc, unsigned seed) {
-  LoraWeights w(cfg, lc);
-  unsigned k = seed;
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
-    for (int t = 0; t < kNumLoraTargets; ++t) {
-      if (!w.has(LoraTarget(t))) continue;
-      const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
-      const auto a = testing::randn(lc.rank * in, k++), b = testing::randn(out * lc.rank, k++);
-      std::copy(a.begin(), a.end(), w.A(l, LoraTarget(t)));
-      std::copy(b.begin(), b.end(), w.B(l, LoraTarget(t)));
-    }
-  return w;
-}
+using testing::FileSizeLimit;
+using testing::random_lora;
 
 LoraConfig subset_config() {
   LoraConfig lc;
@@ -85,7 +35,7 @@ LoraConfig subset_config() {
 }
 
 TEST(PeftAdapter, RoundTripIsBitIdentical) {
-  const ModelConfig cfg = gqa_config();
+  const ModelConfig cfg = testing::tiny_gqa_config(3);
   for (bool all : {true, false}) {
     LoraConfig lc = all ? LoraConfig{} : subset_config();
     lc.rslora = !all;
@@ -104,7 +54,7 @@ TEST(PeftAdapter, RoundTripIsBitIdentical) {
 }
 
 TEST(PeftAdapter, ConfigFields) {
-  const ModelConfig cfg = gqa_config();
+  const ModelConfig cfg = testing::tiny_gqa_config(3);
   LoraConfig lc = subset_config();
   const LoraWeights w = random_lora(cfg, lc, 3);
   testing::ScratchDir dir;
@@ -136,7 +86,7 @@ TEST(PeftAdapter, ConfigFields) {
 }
 
 TEST(PeftAdapter, TensorNamesShapesAndDtype) {
-  const ModelConfig cfg = gqa_config();
+  const ModelConfig cfg = testing::tiny_gqa_config(3);
   const LoraConfig lc = subset_config();
   const LoraWeights w = random_lora(cfg, lc, 5);
   testing::ScratchDir dir;
@@ -169,7 +119,7 @@ TEST(PeftAdapter, TensorNamesShapesAndDtype) {
 }
 
 TEST(PeftAdapter, ReplacesAnExistingFolderWholesale) {
-  const ModelConfig cfg = gqa_config();
+  const ModelConfig cfg = testing::tiny_gqa_config(3);
   testing::ScratchDir dir;
   const auto out = dir / "adapter";
   std::filesystem::create_directories(out);
@@ -185,7 +135,7 @@ TEST(PeftAdapter, ReplacesAnExistingFolderWholesale) {
 }
 
 TEST(PeftAdapter, RejectsAModelConfigThatIsNotTheAdapters) {
-  const ModelConfig cfg = gqa_config();
+  const ModelConfig cfg = testing::tiny_gqa_config(3);
   const LoraWeights w = random_lora(cfg, subset_config(), 8);
   ModelConfig other = cfg;
   other.num_hidden_layers = 4;
@@ -198,7 +148,7 @@ TEST(PeftAdapter, RejectsAModelConfigThatIsNotTheAdapters) {
 // A write that fails part way (here: the file size limit, as a full disk
 // would) leaves the previous adapter folder as it was and no temporaries.
 TEST(PeftAdapter, FailedWriteLeavesTheOldFolder) {
-  const ModelConfig cfg = gqa_config();
+  const ModelConfig cfg = testing::tiny_gqa_config(3);
   testing::ScratchDir dir;
   const auto out = dir / "adapter";
   save_peft_adapter(random_lora(cfg, subset_config(), 8), cfg, out, "base");

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "io/hf_config.h"
+#include "model/builtin.h"
 #include "model/lora.h"
 #include "recipe/recipe.h"
 #include "testing.h"
@@ -128,6 +130,53 @@ TEST(Run, InterruptFlagWritesACheckpointAndStops) {
   EXPECT_EQ(read_train_state(*ckpt).step, 1);
 }
 
+TEST(Run, GradientAccumulationEqualsOneBigBatch) {
+  ScratchDir d;
+  // One SGD step at lr 1 from the same init: the update is the gradient. Two
+  // micro-batches of one row must give what one micro-batch of two rows
+  // gives: the loss is normalized by the target count of the whole step,
+  // and the two rows hold different numbers of targets.
+  const std::vector<std::string> common = {"train.max_steps=1", "train.optimizer=sgd", "train.lr=1",
+                                           "train.schedule=constant", "train.warmup=0", "train.max_grad_norm=0",
+                                           "lora.dropout=0"};
+  auto with = [&](std::vector<std::string> v, const std::string& a, const std::string& b) {
+    v.push_back(a);
+    v.push_back(b);
+    return v;
+  };
+  run_quiet(demo(d / "big", with(common, "train.micro_batch=2", "train.grad_accum=1")));
+  run_quiet(demo(d / "accum", with(common, "train.micro_batch=1", "train.grad_accum=2")));
+  const ModelConfig cfg = load_model_config(resolve_model_path("builtin:tiny"));
+  const LoraWeights a = LoraWeights::load_peft(d / "big" / "adapter", cfg);
+  const LoraWeights b = LoraWeights::load_peft(d / "accum" / "adapter", cfg);
+  ASSERT_EQ(a.flat_size(), b.flat_size());
+  double max_abs = 0, max_diff = 0;
+  for (size_t i = 0; i < a.flat_size(); ++i) {
+    max_abs = std::max(max_abs, double(std::fabs(a.flat_params()[i])));
+    max_diff = std::max(max_diff, double(std::fabs(a.flat_params()[i] - b.flat_params()[i])));
+  }
+  // Only the summation order differs: fp32 rounding, far below a changed
+  // normalization (which would scale whole micro-batches by ~0.5-2x).
+  EXPECT_LT(max_diff, 1e-5 * max_abs) << max_diff << " vs " << max_abs;
+}
+
+TEST(Run, CtrlCWritesACheckpointAndExitsWith130) {
+  ScratchDir d;
+  // The whole demo takes far longer than 3 s, so SIGINT arrives mid-run
+  // (or, on a very slow machine, during setup: then it stops after step 1).
+  const std::string cmd = "sh -c '" + std::string(QLORA_BINARY) + " run " + kDemo.string() + " output.dir=" +
+                          (d / "run").string() + " data.cache=false --no-samples > " + (d / "log").string() +
+                          " 2>&1 & pid=$!; sleep 3; kill -INT $pid; wait $pid; echo $? > " +
+                          (d / "rc").string() + "'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  const std::string log = read_bytes(d / "log");
+  EXPECT_EQ(read_bytes(d / "rc"), "130\n") << log;
+  EXPECT_NE(log.find("--resume"), std::string::npos) << log;
+  const auto ckpt = latest_checkpoint(d / "run");
+  ASSERT_TRUE(ckpt) << log;
+  EXPECT_GE(read_train_state(*ckpt).step, 1);
+}
+
 TEST(Run, AnotherRunInTheOutputFolderIsRefusedUnlessResumeOrOverwrite) {
   ScratchDir d;
   const Recipe r = demo(d / "run", {"train.max_steps=1"});
@@ -192,10 +241,10 @@ TEST(Run, EveryShippedRecipeLoadsAndEstimates) {
   for (const auto& e : fs::directory_iterator(kDemo.parent_path())) {
     if (e.path().extension() != ".yaml") continue;
     ++n;
-    const std::string cmd = "QLORA_CACHE='" + (d / "cache").string() + "' " + QLORA_BINARY + " estimate " +
-                            e.path().string() + " > " + (d / "out").string() + " 2>&1";
-    EXPECT_EQ(std::system(cmd.c_str()), 0) << e.path() << "\n" << read_bytes(d / "out");
-    const std::string out = read_bytes(d / "out");
+    const testing::CliResult r = testing::run_qlora("estimate " + e.path().string(),
+                                                     "QLORA_CACHE='" + (d / "cache").string() + "'");
+    EXPECT_EQ(r.status, 0) << e.path() << "\n" << r.output;
+    const std::string& out = r.output;
     const size_t v = out.find("verdict");
     ASSERT_NE(v, std::string::npos) << e.path() << "\n" << out;
     const std::string verdict = out.substr(v, out.find('\n', v) - v);

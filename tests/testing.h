@@ -1,8 +1,10 @@
-// Shared helpers for the test suite: where the fixtures are, scratch folders.
+// Shared helpers for the test suite: where the fixtures are, scratch folders,
+// running the qlora binary, making writes fail.
 #pragma once
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -35,6 +37,34 @@ class ScratchDir {
 // Writes bytes to a file (test setup only; not atomic).
 void write_bytes(const std::filesystem::path& p, const std::string& bytes);
 std::string read_bytes(const std::filesystem::path& p);
+
+// One run of the qlora binary (QLORA_BINARY).
+struct CliResult {
+  int status = -1;     // exit code; -1 if killed by a signal (a crash) or not started
+  std::string output;  // stdout, and stderr too unless it went to a file
+};
+
+// Runs `qlora <args>` through the shell with OMP_WAIT_POLICY=passive (spinning
+// OpenMP threads would compete with the other tests for the cores). `env`
+// ("QLORA_CACHE='/x'") is put before the command; stderr joins the output,
+// or goes to `stderr_file` when one is given (to parse stdout on its own).
+CliResult run_qlora(const std::string& args, const std::string& env = "",
+                    const std::filesystem::path& stderr_file = {});
+
+// Makes this process's writes past `bytes` fail with EFBIG (as a full disk
+// fails them with ENOSPC) while alive; works for root too, unlike a read-only
+// folder. SIGXFSZ is ignored meanwhile so the write fails instead of killing.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(uint64_t bytes);
+  ~FileSizeLimit();
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+
+ private:
+  uint64_t old_limit_ = 0;
+  void (*old_handler_)(int) = nullptr;
+};
 
 // The message of the qlora::Error f throws; fails the test if it throws none.
 template <typename F>

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "model/tensor_table.h"
 
 namespace qlora {
 
@@ -16,6 +17,27 @@ std::string_view lora_target_module(LoraTarget t) {
   constexpr std::string_view kNames[kNumLoraTargets] = {"q_proj", "k_proj",  "v_proj",   "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"};
   return kNames[int(t)];
+}
+
+std::optional<LoraTarget> lora_target_of(TensorKind k) {
+  switch (k) {
+    case TensorKind::Q:
+      return LoraTarget::Q;
+    case TensorKind::K:
+      return LoraTarget::K;
+    case TensorKind::V:
+      return LoraTarget::V;
+    case TensorKind::O:
+      return LoraTarget::O;
+    case TensorKind::Gate:
+      return LoraTarget::Gate;
+    case TensorKind::Up:
+      return LoraTarget::Up;
+    case TensorKind::Down:
+      return LoraTarget::Down;
+    default:
+      return std::nullopt;
+  }
 }
 
 float LoraConfig::scale() const {

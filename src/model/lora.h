@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -20,6 +21,11 @@ namespace qlora {
 enum class LoraTarget { Q, K, V, O, Gate, Up, Down };
 inline constexpr int kNumLoraTargets = 7;
 std::string_view lora_target_module(LoraTarget t);  // "q_proj", ..., "down_proj"
+
+enum class TensorKind;  // model/tensor_table.h (declared here so this header need not pull in the table)
+// The target whose base weight a checkpoint tensor is (TensorKind::Q -> Q,
+// ..., Down -> Down); nullopt for every other tensor, biases included.
+std::optional<LoraTarget> lora_target_of(TensorKind k);
 
 struct LoraConfig {
   int64_t rank = 8;

@@ -104,7 +104,9 @@ LlamaRunOptions llama_run_options(const PlanInput& in) {
   return o;
 }
 
-int64_t max_seq_len(const PlanInput& in) {
+namespace {
+
+int64_t max_positions(const PlanInput& in) {
   const ModelConfig& c = in.model;
   // Older linearly scaled configs keep the original max_position_embeddings;
   // the CPU model refuses anything beyond it, so only CUDA plans stretch it.
@@ -113,13 +115,25 @@ int64_t max_seq_len(const PlanInput& in) {
   return c.max_position_embeddings;
 }
 
+}  // namespace
+
+int64_t max_seq_len(const PlanInput& in) {
+  // The engine has no sliding-window attention: within the window full
+  // causal attention computes the same thing, beyond it it does not.
+  const int64_t t = max_positions(in);
+  return in.model.sliding_window ? std::min(t, *in.model.sliding_window) : t;
+}
+
 namespace {
 
 void validate(const PlanInput& in) {
   const ModelConfig& c = in.model;
   if (in.micro_batch < 1) fail("train.micro_batch: must be at least 1, got ", in.micro_batch);
   if (in.seq_len < 2) fail("data.seq_len: must be at least 2, got ", in.seq_len);
-  const int64_t max_t = max_seq_len(in);
+  if (c.sliding_window && in.seq_len > *c.sliding_window)
+    fail("data.seq_len: ", in.seq_len, " exceeds the model's attention sliding_window ", *c.sliding_window,
+         " (config.json), which qlora does not implement; use data.seq_len <= ", *c.sliding_window);
+  const int64_t max_t = max_positions(in);
   if (in.seq_len > max_t) {
     if (c.rope_scaling.type == RopeScalingType::None)
       fail("data.seq_len: ", in.seq_len, " exceeds the model's max_position_embeddings ",

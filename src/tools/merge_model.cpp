@@ -27,27 +27,6 @@ namespace {
 // 4-bit block size, so a chunk never splits a quantization block.
 constexpr int64_t kChunk = int64_t(1) << 24;
 
-std::optional<LoraTarget> target_of(TensorKind k) {
-  switch (k) {
-    case TensorKind::Q:
-      return LoraTarget::Q;
-    case TensorKind::K:
-      return LoraTarget::K;
-    case TensorKind::V:
-      return LoraTarget::V;
-    case TensorKind::O:
-      return LoraTarget::O;
-    case TensorKind::Gate:
-      return LoraTarget::Gate;
-    case TensorKind::Up:
-      return LoraTarget::Up;
-    case TensorKind::Down:
-      return LoraTarget::Down;
-    default:
-      return std::nullopt;
-  }
-}
-
 struct Planned {
   const TensorSlot* slot;
   const SafetensorsModel::Entry* src;
@@ -196,7 +175,7 @@ MergeReport merge_model(const fs::path& model, const fs::path& adapter, const fs
     if (!p.is_4bit && !dtype_is_float(p.src->info->dtype))
       fail(p.src->file->path().string(), ": tensor ", s.name, " has dtype ", dtype_name(p.src->info->dtype),
            ", expected a floating point type");
-    const auto tg = target_of(s.kind);
+    const auto tg = lora_target_of(s.kind);
     if (s.is_block_linear && tg && lora.has(*tg)) p.adapted = tg;
     ++(p.adapted ? rep.merged_tensors : rep.copied_tensors);
     plan.push_back(p);
