@@ -101,6 +101,12 @@ TEST(Run, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
 
   RunOptions resume;
   resume.resume = true;
+  // A changed recipe cannot continue the checkpoint: refused, with the reason.
+  auto changed = short_run();
+  changed.push_back("train.lr=1e-3");
+  const std::string e = error_of([&] { run_quiet(demo(d / "resumed", changed), resume); });
+  EXPECT_NE(e.find("different recipe"), std::string::npos) << e;
+
   const RunSummary second = run_quiet(demo(d / "resumed", short_run()), resume);
   EXPECT_TRUE(second.resumed);
   EXPECT_EQ(second.start_step, 3);
@@ -233,6 +239,8 @@ TEST(Run, APlanThatDoesNotFitStopsBeforeLoadingAnything) {
   EXPECT_NE(e.find("does not fit"), std::string::npos) << e;
   EXPECT_NE(e.find("micro_batch"), std::string::npos) << "the advice comes with it: " << e;
   EXPECT_FALSE(fs::exists(d / "run" / "checkpoints"));
+  // Nothing was trained, so the folder does not hold a run: a fitting retry goes ahead.
+  EXPECT_EQ(run_quiet(demo(d / "run", {"train.max_steps=1"})).steps_done, 1);
 }
 
 TEST(Run, EveryShippedRecipeLoadsAndEstimates) {

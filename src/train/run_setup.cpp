@@ -66,16 +66,20 @@ RunSetup open_run(const Recipe& r, bool resume, bool overwrite, std::FILE* out) 
   RunSetup s;
   s.output_dir = r.output.dir;
   prepare_output_dir(s.output_dir, resume, overwrite);
-  if (resume) {
-    s.resume_from = latest_checkpoint(s.output_dir);
-    if (!s.resume_from) std::fprintf(out, "no checkpoint in %s yet: starting from step 0\n", s.output_dir.string().c_str());
-  }
-  write_file_atomic(s.output_dir / "recipe.yaml", recipe_to_yaml(r));
-
   // 2-3: config, then the memory plan, before any weight is read.
   s.model_dir = resolve_model_path(r.model.path);
   s.base_name = r.model.path;
   const ModelConfig cfg = load_model_config(s.model_dir);
+  s.fingerprint = base_model_fingerprint(s.model_dir);
+  if (resume) {
+    // Checked before anything in the folder changes: a refused resume
+    // leaves the run as it was.
+    s.resume_from = latest_checkpoint(s.output_dir);
+    if (s.resume_from)
+      check_resume_compatible(read_train_state(*s.resume_from), recipe_training_hash(r), s.fingerprint);
+    else
+      std::fprintf(out, "no checkpoint in %s yet: starting from step 0\n", s.output_dir.string().c_str());
+  }
   PlanInput in = plan_input_from_recipe(r, cfg);
   apply_checkpoint_quant(in, s.model_dir);
   in.model_name = r.model.path;
@@ -98,9 +102,11 @@ RunSetup open_run(const Recipe& r, bool resume, bool overwrite, std::FILE* out) 
   std::fprintf(out, "%s\n", s.data_statistics.c_str());
   if (s.data.train.rows.empty()) fail("data.train: no training rows after packing");
 
-  s.fingerprint = base_model_fingerprint(s.model_dir);
   // The plan's options, so the arenas are exactly the planned ones.
   s.weights = load_llama_weights(s.model_dir, weight_load_options(s.plan.input));
+  // Written once everything loaded: a run that failed before training leaves
+  // no recipe.yaml, so the folder does not count as holding a run.
+  write_file_atomic(s.output_dir / "recipe.yaml", recipe_to_yaml(r));
   return s;
 }
 

@@ -179,8 +179,6 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   state.recipe_hash = recipe_training_hash(r);
   state.base_fingerprint = setup.fingerprint;
   if (setup.resume_from) {
-    const TrainState saved = read_train_state(*setup.resume_from);
-    check_resume_compatible(saved, state.recipe_hash, state.base_fingerprint);
     state = load_checkpoint(*setup.resume_from, lora, opt, cfg);
     model.set_forward_count(state.forward_count);
     sum.resumed = true;
