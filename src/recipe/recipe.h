@@ -58,7 +58,7 @@ struct RecipeData {
   bool train_on_inputs = false;
   std::string over_long = "truncate";   // truncate | drop
   std::string on_bad_record = "error";  // error | skip
-  bool cache = true;                 // cache tokenized data under <output.dir>/../.qlora-cache or $QLORA_CACHE
+  bool cache = true;                 // cache tokenized data under <cache root>/data (core/cache_dir.h)
   int64_t threads = 0;               // 0 = all cores
 };
 
