@@ -58,9 +58,12 @@ struct LinearWeight {
 };
 // out = inp W^T (+ bias). out is (N,OUT); inp is (N,IN); bias is (OUT) or null.
 // The 4-bit path dequantizes row panels of W into a thread-local buffer and
-// multiplies each with sgemm; the whole layer is never materialized.
+// multiplies each with sgemm (up to 4 rows of inp: a fused dequantize-dot per
+// output row); the whole layer is never materialized.
 void linear_forward(float* out, const float* inp, const LinearWeight& w, const float* bias, int64_t N);
 // dinp = dout W, (N,IN), assigned. The base is frozen: no weight or bias gradient.
+// 4-bit: up to 3 rows fused (strips of W dequantized once, added into dinp
+// in a fixed order), more rows through the same panels + sgemm as forward.
 void linear_backward(float* dinp, const float* dout, const LinearWeight& w, int64_t N);
 // Rows [r0, r1) of W dequantized to fp32 into dst ((r1-r0),IN). For tests and
 // for the merge of adapters.

@@ -127,7 +127,10 @@ std::vector<OpCase> linear_cases() {
     int64_t N, IN, OUT;
     bool nf4, bias;
   };
-  for (S s : {S{2, 16, 8, false, false}, S{3, 64, 24, true, false}, S{2, 128, 40, true, true}}) {
+  // N = 1 and 2 take the fused 4-bit paths both ways, N = 4 fused forward and
+  // the panel backward, N = 5 panels both ways; IN = 75 starts rows mid-byte.
+  for (S s : {S{2, 16, 8, false, false}, S{3, 64, 24, true, false}, S{2, 128, 40, true, true},
+              S{1, 75, 9, true, true}, S{4, 75, 6, true, false}, S{5, 96, 7, true, true}}) {
     out.push_back({std::string(s.nf4 ? "nf4" : "dense") + "_N" + std::to_string(s.N) + "_IN" +
                        std::to_string(s.IN) + "_OUT" + std::to_string(s.OUT) + (s.bias ? "_bias" : ""),
                    [s] {

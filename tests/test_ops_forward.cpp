@@ -1,11 +1,14 @@
-// Forward-path checks of the ops against plain definitions: the NF4 linear
-// equals a dense product over the dequantized weight (across panels), chunked
+// Forward-path checks of the ops against plain definitions: the 4-bit linear
+// (NF4/FP4, every path, both directions) equals a dense product over the
+// dequantized weight and does not depend on the thread count, chunked
 // cross entropy equals the full softmax, cached attention equals training
 // attention, document masks hide other documents, bad ids are refused.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "testing.h"
@@ -63,6 +66,109 @@ TEST(OpsForward, Nf4LinearEqualsDenseOverDequantizedWeightAcrossPanels) {
         }
         ASSERT_NEAR(dx[i * IN + c], ref, 4.0 * double(OUT) * 5.96e-8 * mag);
       }
+  }
+}
+
+// The 4-bit linear's parity cases: every path of the CPU kernel (fused
+// dequantize-and-consume for few rows, panel + sgemm for more) and the shapes
+// that stress its indexing. Kept as one table so the CUDA kernel's parity test
+// runs the same list (move it to a shared header when that test lands).
+struct LinearParityCase {
+  int64_t N, OUT, IN;
+  Quant4Type type;
+  int64_t block;
+  bool bias;
+};
+std::vector<LinearParityCase> linear_parity_cases() {
+  std::vector<LinearParityCase> cases;
+  // N: 1-3 fused both ways, 4 fused forward / panel backward, 5 and 17 panels.
+  for (int64_t N : {1, 2, 3, 4, 5, 17}) {
+    // IN = 1100 spans three dequantization stretches (512) and is no multiple
+    // of 64 or 32; IN = 75 (odd) starts every other row on a low nibble and
+    // mid-block; block 4096 with IN = 75 makes blocks span many rows.
+    cases.push_back({N, 37, 1100, Quant4Type::NF4, 64, N % 2 == 1});
+    cases.push_back({N, 29, 75, Quant4Type::FP4, 64, N % 2 == 0});
+    cases.push_back({N, 23, 1100, Quant4Type::FP4, 32, true});
+    cases.push_back({N, 61, 75, Quant4Type::NF4, 4096, false});
+  }
+  return cases;
+}
+
+// Every output against a double-precision dot product over the dequantized
+// weight. Bound: an fp32 sum of K products (K = IN terms and the bias
+// forward, OUT terms backward), in any association, errs by at most
+// gamma_K sum|terms| ~ K u sum|terms| (u = 2^-24, the product roundings add
+// one u each); allowed 2x. A wrong element, block or scale is off by O(|terms|).
+TEST(OpsForward, LinearFourBitMatchesDenseReferenceOnEveryPath) {
+  constexpr double kU = 5.960464477539063e-08;
+  for (const LinearParityCase& c : linear_parity_cases()) {
+    SCOPED_TRACE(::testing::Message() << "N " << c.N << " OUT " << c.OUT << " IN " << c.IN << " "
+                                      << (c.type == Quant4Type::NF4 ? "nf4" : "fp4") << " block " << c.block
+                                      << (c.bias ? " bias" : ""));
+    const Vec wf = randn(c.OUT * c.IN, 11, 0.1f);
+    const Quant4Tensor q = quantize_tensor(wf.data(), {c.OUT, c.IN}, c.type, c.block, false);
+    Vec deq(size_t(c.OUT * c.IN));
+    dequantize_tensor(q, deq.data());
+    ops::LinearWeight w;
+    w.out = c.OUT;
+    w.in = c.IN;
+    w.codes = q.codes.data();
+    w.absmax = q.absmax.data();
+    w.block = c.block;
+    w.type = c.type;
+    const Vec x = randn(c.N * c.IN, 12), bias = randn(c.OUT, 13), dout = randn(c.N * c.OUT, 14);
+    Vec y(size_t(c.N * c.OUT), 77.0f), dx(size_t(c.N * c.IN), 77.0f);  // junk: both are assigned
+    ops::linear_forward(y.data(), x.data(), w, c.bias ? bias.data() : nullptr, c.N);
+    ops::linear_backward(dx.data(), dout.data(), w, c.N);
+    for (int64_t n = 0; n < c.N; ++n) {
+      for (int64_t o = 0; o < c.OUT; ++o) {
+        double ref = c.bias ? bias[o] : 0.0, mag = std::abs(ref);
+        for (int64_t k = 0; k < c.IN; ++k) {
+          const double term = double(x[n * c.IN + k]) * deq[o * c.IN + k];
+          ref += term;
+          mag += std::abs(term);
+        }
+        ASSERT_NEAR(y[n * c.OUT + o], ref, 2.0 * double(c.IN + 2) * kU * mag) << "y row " << n << " out " << o;
+      }
+      for (int64_t k = 0; k < c.IN; ++k) {
+        double ref = 0, mag = 0;
+        for (int64_t o = 0; o < c.OUT; ++o) {
+          const double term = double(dout[n * c.OUT + o]) * deq[o * c.IN + k];
+          ref += term;
+          mag += std::abs(term);
+        }
+        ASSERT_NEAR(dx[n * c.IN + k], ref, 2.0 * double(c.OUT + 1) * kU * mag) << "dx row " << n << " col " << k;
+      }
+    }
+  }
+}
+
+// The 4-bit paths split work over output rows (forward) or input columns
+// (backward), never over a sum, so the thread count cannot change a bit.
+TEST(OpsForward, LinearFourBitIsIndependentOfThreadCount) {
+  const int64_t OUT = 300, IN = 1100;
+  const Vec wf = randn(OUT * IN, 21, 0.1f);
+  const Quant4Tensor q = quantize_tensor(wf.data(), {OUT, IN}, Quant4Type::NF4, 64, true);
+  const std::vector<float> scales = q.block_scales();
+  ops::LinearWeight w;
+  w.out = OUT;
+  w.in = IN;
+  w.codes = q.codes.data();
+  w.absmax = scales.data();
+  const int threads = omp_get_max_threads();
+  for (int64_t N : {1, 3, 4, 9}) {
+    const Vec x = randn(N * IN, 22), dout = randn(N * OUT, 23);
+    Vec y[2], dx[2];
+    for (int t = 0; t < 2; ++t) {
+      omp_set_num_threads(t == 0 ? 1 : 3);  // 3: uneven splits even on a 2-core machine
+      y[t].resize(size_t(N * OUT));
+      dx[t].resize(size_t(N * IN));
+      ops::linear_forward(y[t].data(), x.data(), w, nullptr, N);
+      ops::linear_backward(dx[t].data(), dout.data(), w, N);
+    }
+    omp_set_num_threads(threads);
+    EXPECT_EQ(y[0], y[1]) << "N " << N;
+    EXPECT_EQ(dx[0], dx[1]) << "N " << N;
   }
 }
 
