@@ -10,7 +10,7 @@ packages=(
   libyaml-cpp-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev
   libopenblas-dev
-  libpcre2-dev libsentencepiece-dev
+  libpcre2-dev libsentencepiece-dev libicu-dev
   clang-format
 )
 

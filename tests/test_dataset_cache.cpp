@@ -1,5 +1,6 @@
-// The tokenized-data cache: round trip, keys that follow every input, and
-// damaged or foreign cache files ignored rather than trusted.
+// The tokenized-data cache: round trip, keys that follow every input (by
+// content, not metadata), and damaged or foreign cache files ignored rather
+// than trusted.
 #include <gtest/gtest.h>
 
 #include "core/error.h"
@@ -89,6 +90,39 @@ TEST(DatasetCache, KeyFollowsDataTokenizerAndSettings) {
   h2.add_file(dir / "x");
   h2.add_file(dir / "y");
   EXPECT_NE(h1.hex(), h2.hex());
+}
+
+// The key hashes content, not metadata: a change of one byte anywhere in a
+// large tokenizer file changes it even when size and modification time are
+// put back as they were; restoring the content restores the key.
+TEST(DatasetCache, KeyFollowsContentNotMetadata) {
+  ScratchDir dir;
+  write_bytes(dir / "a.jsonl", "{\"text\": \"one\"}\n");
+  std::filesystem::create_directories(dir / "tok");
+  std::string big(3'000'001, 'x');  // not a multiple of the hash's 32-byte step
+  for (size_t i = 0; i < big.size(); i += 97) big[i] = char('a' + i % 26);
+  const auto tj = dir / "tok" / "tokenizer.json";
+  write_bytes(tj, big);
+  const auto when = std::filesystem::last_write_time(tj);
+  const std::vector<std::filesystem::path> files = {dir / "a.jsonl"};
+  const auto k = tokenized_cache_key(files, dir / "tok", "s");
+  for (size_t at : {size_t(0), size_t(31), size_t(32), size_t(1'500'017), big.size() - 1}) {
+    std::string changed = big;
+    changed[at] ^= 1;
+    write_bytes(tj, changed);
+    std::filesystem::last_write_time(tj, when);
+    EXPECT_EQ(std::filesystem::file_size(tj), big.size());
+    EXPECT_NE(tokenized_cache_key(files, dir / "tok", "s"), k) << at;
+  }
+  write_bytes(tj, big + '\0');  // a trailing zero byte is content too
+  EXPECT_NE(tokenized_cache_key(files, dir / "tok", "s"), k);
+  write_bytes(tj, big);
+  EXPECT_EQ(tokenized_cache_key(files, dir / "tok", "s"), k);
+  // Empty files hash (no mapping), and differ from a missing file.
+  write_bytes(tj, "");
+  const auto k_empty = tokenized_cache_key(files, dir / "tok", "s");
+  std::filesystem::remove(tj);
+  EXPECT_NE(tokenized_cache_key(files, dir / "tok", "s"), k_empty);
 }
 
 }  // namespace

@@ -31,7 +31,9 @@ class ContentHash {
 };
 
 // Key for data files + tokenizer folder (tokenizer.json, tokenizer.model,
-// tokenizer_config.json, whichever exist) + settings.
+// tokenizer_config.json, whichever exist) + settings. Files are hashed by
+// content (a fast 4-lane digest over a memory map), never by metadata: see
+// docs/data.md, "Cache".
 std::string tokenized_cache_key(const std::vector<std::filesystem::path>& data_files,
                                 const std::filesystem::path& tokenizer_dir, std::string_view settings);
 

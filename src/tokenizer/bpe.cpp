@@ -1,6 +1,7 @@
 #include "tokenizer/bpe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 
@@ -57,7 +58,7 @@ void Bpe::Map::build(const std::vector<std::pair<std::string, TokenId>>& entries
   mask_ = cap - 1;
   arena_.clear();
   for (const auto& [key, id] : entries) {
-    const uint64_t h = std::hash<std::string_view>{}(key);
+    const uint64_t h = hash(key);
     size_t i = size_t(h) & mask_;
     for (; slots_[i].id >= 0; i = (i + 1) & mask_) {
       const Slot& o = slots_[i];
@@ -72,9 +73,8 @@ void Bpe::Map::build(const std::vector<std::pair<std::string, TokenId>>& entries
   }
 }
 
-std::optional<TokenId> Bpe::Map::find(std::string_view key) const {
+std::optional<TokenId> Bpe::Map::find(std::string_view key, uint64_t h) const {
   if (slots_.empty()) return std::nullopt;
-  const uint64_t h = std::hash<std::string_view>{}(key);
   for (size_t i = size_t(h) & mask_; slots_[i].id >= 0; i = (i + 1) & mask_) {
     const Slot& o = slots_[i];
     if (o.hash == h && o.len == key.size() && std::memcmp(arena_.data() + o.off, key.data(), key.size()) == 0)
@@ -86,6 +86,10 @@ std::optional<TokenId> Bpe::Map::find(std::string_view key) const {
 Bpe::Bpe(const std::vector<std::pair<std::string, TokenId>>& vocab,
          const std::vector<std::pair<std::string, std::string>>& merges, BpeOptions opt, const std::string& file)
     : opt_(std::move(opt)) {
+  // Never reused, unlike an address: a scratch can't mistake a new Bpe for the
+  // one whose caches it holds.
+  static std::atomic<uint64_t> next_instance{1};
+  instance_ = next_instance.fetch_add(1);
   byte_id_.fill(-1);
   TokenId max_id = -1;
   for (const auto& [p, id] : vocab) {
@@ -117,6 +121,10 @@ Bpe::Bpe(const std::vector<std::pair<std::string, TokenId>>& vocab,
     }
   }
   merges_.reserve(merges.size());
+  int filter_bits = 1;
+  while ((size_t(8) << filter_bits) < merges.size()) ++filter_bits;
+  merge_filter_.assign(size_t(1) << filter_bits, 0);
+  filter_shift_ = 64 - filter_bits;
   std::string joined;
   for (size_t rank = 0; rank < merges.size(); ++rank) {
     const auto& [a, b] = merges[rank];
@@ -125,13 +133,24 @@ Bpe::Bpe(const std::vector<std::pair<std::string, TokenId>>& vocab,
     const auto ij = piece_to_id_.find(joined);
     if (!ia || !ib || !ij) fail(file, ": merge #", rank, " '", a, " ", b, "' uses a token missing from the vocab");
     merges_.put(*ia, *ib, {uint32_t(rank), *ij});
+    const uint64_t h = filter_hash((uint64_t(uint32_t(*ia)) << 32) | uint32_t(*ib));
+    merge_filter_[size_t(h >> filter_shift_)] |= filter_mask(h);
   }
   if (opt_.byte_level) {
-    byte_pairs_.assign(256 * 256, {kNoMerge, -1});
+    byte_pairs_.assign(256 * 256, 0);
     for (int x = 0; x < 256; ++x)
       for (int y = 0; y < 256; ++y)
         if (byte_id_[size_t(x)] >= 0 && byte_id_[size_t(y)] >= 0)
-          if (const auto* v = merges_.get(byte_id_[size_t(x)], byte_id_[size_t(y)])) byte_pairs_[size_t(x * 256 + y)] = *v;
+          if (const auto* v = merges_.get(byte_id_[size_t(x)], byte_id_[size_t(y)])) {
+            byte_merges_.push_back(*v);
+            byte_pairs_[size_t(x * 256 + y)] = uint16_t(byte_merges_.size());
+          }
+    // A 16-bit index holds 65,535 merges; a vocab merging every byte pair
+    // (none known) takes the general lookup instead.
+    if (byte_merges_.size() > 0xFFFF) {
+      byte_pairs_.clear();
+      byte_merges_.clear();
+    }
   }
 }
 
@@ -150,9 +169,11 @@ void Bpe::initial_symbols(std::string_view word, BpeScratch& s) const {
   };
   if (opt_.byte_level) {
     // Every byte has an entry in a byte-level vocab; a missing one (a
-    // hand-made file) is dropped rather than guessed.
+    // hand-made file) is dropped rather than guessed. Symbols carry their
+    // byte only when the dense byte-pair table exists.
+    const bool dense = !byte_pairs_.empty();
     for (char c : word)
-      if (const TokenId id = byte_id_[static_cast<uint8_t>(c)]; id >= 0) push(id, static_cast<uint8_t>(c));
+      if (const TokenId id = byte_id_[static_cast<uint8_t>(c)]; id >= 0) push(id, dense ? static_cast<uint8_t>(c) : -1);
     return;
   }
   bool last_unk = false;
@@ -182,15 +203,53 @@ void Bpe::initial_symbols(std::string_view word, BpeScratch& s) const {
   }
 }
 
-Bpe::PairMap::Value Bpe::lookup(BpeScratch& s, TokenId a, TokenId b) const {
-  if (s.pair_cache.empty()) {
-    const auto* v = merges_.get(a, b);
-    return v ? *v : PairMap::Value{kNoMerge, -1};
+void Bpe::bind(BpeScratch& s) const {
+  if (s.owner == instance_) return;
+  s.owner = instance_;
+  s.pair_cache.assign(size_t(1) << kPairCacheBits, {~uint64_t(0), 0, 0});
+  s.word_slots.assign(size_t(1) << kWordCacheBits, {0, 0, 0, 0, 0});
+  s.word_keys.clear();
+  s.word_ids.clear();
+  s.words_cached = 0;
+}
+
+bool Bpe::cached_word(std::string_view word, uint64_t h, std::vector<TokenId>& out, const BpeScratch& s) const {
+  const size_t mask = s.word_slots.size() - 1;
+  const auto tag = uint32_t(h >> 32);
+  for (size_t i = size_t(h) & mask;; i = (i + 1) & mask) {
+    const BpeScratch::WordSlot& e = s.word_slots[i];
+    if (e.key_len == 0) return false;
+    if (e.tag == tag && e.key_len == word.size() &&
+        std::memcmp(s.word_keys.data() + e.key_off, word.data(), word.size()) == 0) {
+      out.insert(out.end(), s.word_ids.begin() + e.ids_off, s.word_ids.begin() + e.ids_off + e.ids_len);
+      return true;
+    }
   }
+}
+
+void Bpe::cache_word(std::string_view word, uint64_t h, const TokenId* ids, size_t n, BpeScratch& s) const {
+  if (word.size() > kMaxCachedWord || n > word.size()) return;
+  if (s.words_cached >= s.word_slots.size() / 2) {  // half full: start over
+    std::fill(s.word_slots.begin(), s.word_slots.end(), BpeScratch::WordSlot{0, 0, 0, 0, 0});
+    s.word_keys.clear();
+    s.word_ids.clear();
+    s.words_cached = 0;
+  }
+  const size_t mask = s.word_slots.size() - 1;
+  size_t i = size_t(h) & mask;
+  while (s.word_slots[i].key_len != 0) i = (i + 1) & mask;
+  s.word_slots[i] = {uint32_t(h >> 32), uint32_t(s.word_keys.size()), uint32_t(s.word_ids.size()),
+                     uint16_t(word.size()), uint16_t(n)};
+  s.word_keys.append(word);
+  s.word_ids.insert(s.word_ids.end(), ids, ids + n);
+  ++s.words_cached;
+}
+
+Bpe::PairMap::Value Bpe::lookup(BpeScratch& s, TokenId a, TokenId b) const {
   const uint64_t k = (uint64_t(uint32_t(a)) << 32) | uint32_t(b);
   auto& e = s.pair_cache[size_t((k * 0x9E3779B97F4A7C15ull) >> (64 - kPairCacheBits))];
   if (e.key != k) {
-    const auto* v = merges_.get(a, b);
+    const auto* v = may_merge(k) ? merges_.get(a, b) : nullptr;
     e = {k, v ? v->rank : kNoMerge, v ? v->id : -1};
   }
   return {e.rank, e.id};
@@ -202,7 +261,7 @@ void Bpe::push_pair(BpeScratch& s, int32_t left) const {
   const auto& rs = s.syms[size_t(l.next)];
   const TokenId r = rs.id;
   const PairMap::Value m =
-      (l.byte >= 0 && rs.byte >= 0) ? byte_pairs_[size_t(l.byte * 256 + rs.byte)] : lookup(s, l.id, r);
+      (l.byte >= 0 && rs.byte >= 0) ? byte_pair(l.byte, rs.byte) : lookup(s, l.id, r);
   if (m.rank == kNoMerge) return;
   s.heap.push_back({m.rank, left, m.id, l.id, r});
   std::push_heap(s.heap.begin(), s.heap.end(), CandAfter{});
@@ -210,19 +269,24 @@ void Bpe::push_pair(BpeScratch& s, int32_t left) const {
 
 void Bpe::encode_word(std::string_view word, std::vector<TokenId>& out, BpeScratch& s) const {
   if (word.empty()) return;
-  if (opt_.ignore_merges) {
-    const Map& m = opt_.byte_level ? raw_to_id_ : piece_to_id_;
-    if (const auto id = m.find(word)) {
-      out.push_back(*id);
-      return;
-    }
-  }
+  bind(s);
+  const uint64_t h = Map::hash(word);
+  if (cached_word(word, h, out, s)) return;
+  const size_t start = out.size();
+  std::optional<TokenId> whole;
+  if (opt_.ignore_merges) whole = (opt_.byte_level ? raw_to_id_ : piece_to_id_).find(word, h);
+  if (whole)
+    out.push_back(*whole);
+  else
+    merge_word(word, out, s);
+  cache_word(word, h, out.data() + start, out.size() - start, s);
+}
+
+void Bpe::merge_word(std::string_view word, std::vector<TokenId>& out, BpeScratch& s) const {
   s.syms.clear();
   s.heap.clear();
   initial_symbols(word, s);
   if (s.syms.empty()) return;
-  if (s.syms.size() >= kLongWord && s.pair_cache.empty())
-    s.pair_cache.assign(size_t(1) << kPairCacheBits, {~uint64_t(0), 0, 0});
   for (int32_t i = 0; i + 1 < static_cast<int32_t>(s.syms.size()); ++i) push_pair(s, i);
   while (!s.heap.empty()) {
     std::pop_heap(s.heap.begin(), s.heap.end(), CandAfter{});

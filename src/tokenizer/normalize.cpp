@@ -1,10 +1,15 @@
 #include "tokenizer/normalize.h"
 
+#include <unicode/bytestream.h>
+#include <unicode/normalizer2.h>
+#include <unicode/utypes.h>
+
 #include <nlohmann/json.hpp>
 #include <vector>
 
 #include "core/error.h"
 #include "tokenizer/regex.h"
+#include "tokenizer/unicode_bytes.h"
 
 namespace qlora::tok {
 
@@ -93,13 +98,48 @@ class StripNormalizer final : public Normalizer {
   bool left_, right_;
 };
 
-// NFC (Qwen2). Composing needs the Unicode decomposition tables, which none of
-// the linked libraries expose; text that is already NFC (virtually all text in
-// training data) is unchanged by NFC, so this is exact on such input and
-// passes other text through as is. Documented in docs/tokenizers.md.
+// NFC (Qwen2's normalizer) through ICU, as HF applies it (Rust's
+// unicode-normalization; both follow the Unicode tables, ICU 72 = Unicode 15).
+// Invalid UTF-8 cannot reach HF (Python strings are valid); here such bytes
+// are kept as they are, and only the valid runs between them are normalized,
+// so the byte-level model still sees every input byte.
 class NfcNormalizer final : public Normalizer {
  public:
-  void normalize(std::string&) const override {}
+  explicit NfcNormalizer(const std::string& file) {
+    UErrorCode status = U_ZERO_ERROR;
+    nfc_ = icu::Normalizer2::getNFCInstance(status);
+    if (U_FAILURE(status)) fail(file, ": NFC normalizer: cannot load ICU's NFC data: ", u_errorName(status));
+  }
+
+  void normalize(std::string& s) const override {
+    // Code points below U+0300 (lead bytes below 0xCC) are never changed by
+    // NFC nor combine with what precedes them: most text returns here.
+    bool simple = true;
+    for (char c : s) simple = simple && static_cast<unsigned char>(c) < 0xCC;
+    if (simple) return;
+    std::string out;
+    out.reserve(s.size());
+    const std::string_view v(s);
+    for (size_t i = 0; i < v.size();) {
+      size_t j = i;
+      while (j < v.size() && utf8_valid_len(v, j) > 0) j += utf8_valid_len(v, j);
+      if (j > i) append_nfc(v.substr(i, j - i), out);
+      for (; j < v.size() && utf8_valid_len(v, j) == 0; ++j) out.push_back(v[j]);  // invalid bytes: as they are
+      i = j;
+    }
+    s.swap(out);
+  }
+
+ private:
+  void append_nfc(std::string_view valid, std::string& out) const {
+    UErrorCode status = U_ZERO_ERROR;
+    icu::StringByteSink<std::string> sink(&out);
+    nfc_->normalizeUTF8(0, icu::StringPiece(valid.data(), static_cast<int32_t>(valid.size())), sink, nullptr,
+                        status);
+    if (U_FAILURE(status)) fail("NFC normalization failed: ", u_errorName(status));
+  }
+
+  const icu::Normalizer2* nfc_;  // owned by ICU, immutable and thread-safe
 };
 
 }  // namespace
@@ -126,7 +166,7 @@ std::unique_ptr<Normalizer> parse_normalizer(const json& j, const std::string& f
     fail(file, ": Replace normalizer has neither a String nor a Regex pattern");
   }
   if (type == "Strip") return std::make_unique<StripNormalizer>(j.value("strip_left", true), j.value("strip_right", true));
-  if (type == "NFC") return std::make_unique<NfcNormalizer>();
+  if (type == "NFC") return std::make_unique<NfcNormalizer>(file);
   fail(file, ": unsupported normalizer type '", type, "' (supported: Sequence, Prepend, Replace, Strip, NFC)");
 }
 

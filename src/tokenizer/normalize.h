@@ -1,7 +1,7 @@
 // tokenizer.json normalizers: the text rewrites applied before
 // pre-tokenization (and to the patterns of "normalized" added tokens).
-// Supported: Sequence, Prepend, Replace, Strip, NFC (see normalize.cpp for
-// the NFC caveat). Anything else is refused by name.
+// Supported: Sequence, Prepend, Replace, Strip, NFC (through ICU). Anything
+// else is refused by name.
 #pragma once
 
 #include <memory>

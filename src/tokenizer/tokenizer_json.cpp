@@ -225,8 +225,10 @@ std::vector<TokenId> HfTokenizer::encode(std::string_view text, bool add_special
   std::vector<TokenId> out;
   out.reserve(text.size() / 3 + 4);
   if (add_special) out = template_.before;
-  BpeScratch scratch;
-  Pieces pieces;
+  // Per thread, not per call: the BPE caches stay warm across documents, and
+  // no working buffer is allocated per call.
+  thread_local BpeScratch scratch;
+  thread_local Pieces pieces;
   std::vector<Segment> segs, sub;
   std::string norm;
   raw_matcher_.split(text, 0, text.size(), segs);
