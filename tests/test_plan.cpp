@@ -450,6 +450,25 @@ TEST(PlanCli, EstimatesARecipeOnTheCpu) {
   EXPECT_EQ(j.at("cpu_arenas").at("weights").get<uint64_t>(), make_plan(in).arenas.weights);
 }
 
+TEST(PlanCli, RecipeOverridesAsQloraRunTakesThem) {
+  ScratchDir d;
+  testing::write_bytes(d / "train.jsonl", "{\"text\": \"hello\"}\n");
+  testing::write_bytes(d / "r.yaml",
+                       "model: {path: builtin:tiny}\n"
+                       "data: {train: train.jsonl, format: text, seq_len: 64}\n"
+                       "device: {backend: cpu}\n"
+                       "output: {dir: r.output}\n");
+  const std::string recipe = "'" + (d / "r.yaml").string() + "'";
+  CliResult r = run_estimate(recipe + " train.micro_batch=3 data.seq_len=128 --json", d);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j.at("settings").at("micro_batch"), 3);
+  EXPECT_EQ(j.at("settings").at("seq_len"), 128);
+  r = run_estimate(recipe + " lora.rnak=4", d);
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("did you mean 'lora.rank'"), std::string::npos) << r.output;
+}
+
 TEST(PlanCli, BadInputListsWhatIsKnown) {
   ScratchDir d;
   CliResult r = run_estimate("--model llama-9-1b --gpu rtx4090", d);

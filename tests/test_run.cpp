@@ -296,6 +296,12 @@ TEST(Run, CliRunsTheRecipeWithOverridesAndRejectsABadOne) {
   const std::string bad = read_bytes(d / "bad");
   EXPECT_NE(bad.find("train.lr"), std::string::npos) << bad;
   EXPECT_TRUE(fs::exists(d / "run" / "adapter")) << "a rejected recipe must not touch the previous run";
+
+  // Errors of the data module name the recipe key.
+  const testing::CliResult t =
+      testing::run_qlora("run " + kDemo.string() + " output.dir=" + (d / "t").string() + " data.chat_template=auto");
+  EXPECT_NE(t.status, 0);
+  EXPECT_NE(t.output.find("data.chat_template"), std::string::npos) << t.output;
 }
 
 }  // namespace

@@ -17,6 +17,7 @@ namespace {
 
 struct Args {
   std::string recipe, model, gpu, backend, quant, optimizer, targets, checkpointing;
+  std::vector<std::string> overrides;  // key.path=value, as `qlora run` takes them
   int64_t seq = 0, batch = 0, rank = 0, block = 0, dataset_tokens = -1;
   bool json = false;
 };
@@ -67,7 +68,8 @@ PlanInput make_input(const Args& a) {
   PlanInput in;
   // A recipe, or the recipe defaults (on the CPU unless a GPU is named);
   // --model replaces the recipe's model.
-  const Recipe r = a.recipe.empty() ? Recipe{} : load_recipe(a.recipe);
+  if (a.recipe.empty() && !a.overrides.empty()) fail("key.path=value overrides need a RECIPE");
+  const Recipe r = a.recipe.empty() ? Recipe{} : load_recipe(a.recipe, a.overrides);
   if (a.recipe.empty() && a.model.empty()) fail("give a RECIPE or --model DIR|PRESET");
   if (a.model.empty()) {
     in = plan_input_from_recipe(r, model_config_for(r));
@@ -123,6 +125,7 @@ Runner add_estimate(CLI::App& app) {
       "estimate", "Plan the memory of a fine-tune: every buffer, device total vs budget, verdict and advice");
   auto a = std::make_shared<Args>();
   cmd->add_option("recipe", a->recipe, "Recipe YAML (optional with --model)");
+  cmd->add_option("overrides", a->overrides, "Recipe overrides key.path=value, e.g. data.seq_len=4096");
   cmd->add_option("--model", a->model, "Model folder, builtin:tiny, or a preset: " + presets);
   cmd->add_option("--gpu", a->gpu, "GPU name (" + gpus + ") or memory size (24GiB, 48GB); plans CUDA");
   cmd->add_option("--backend", a->backend, "cpu or cuda (default: cuda with --gpu, else the recipe's)");

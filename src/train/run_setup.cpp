@@ -96,7 +96,14 @@ RunSetup open_run(const Recipe& r, bool resume, bool overwrite, std::FILE* out) 
   // 5 before 4: data errors surface before the (slow) weight load.
   s.tokenizer = Tokenizer::load(s.model_dir);
   const DataSpec spec = data_spec_from(r);
-  s.data = prepare_dataset(*s.tokenizer, s.model_dir, spec);
+  try {
+    s.data = prepare_dataset(*s.tokenizer, s.model_dir, spec);
+  } catch (const Error& e) {
+    // The template module names its own setting; here it is a recipe key.
+    const std::string m = e.what();
+    if (m.rfind("chat_template:", 0) == 0) fail("data.", m);
+    throw;
+  }
   s.chat_template = template_for_tokenizer(*s.tokenizer, s.data.template_name);
   s.data_statistics = data_statistics_text(s.data);
   std::fprintf(out, "%s\n", s.data_statistics.c_str());
