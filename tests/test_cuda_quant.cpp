@@ -39,15 +39,7 @@
 #include "kernels/cuda/quant4.h"
 #endif
 
-#if !QLORA_HAVE_CUDA
-#define QLORA_REQUIRE_GPU() GTEST_SKIP() << "built without CUDA (nvcc not found at configure time)"
-#else
-#define QLORA_REQUIRE_GPU()                                                                    \
-  do {                                                                                         \
-    if (const auto qlora_no_gpu = ::qlora::cuda_unavailable_reason())                          \
-      GTEST_SKIP() << "no GPU: " << *qlora_no_gpu;                                             \
-  } while (0)
-#endif
+#include "cuda_testing.h"
 
 namespace qlora {
 namespace {

@@ -1,0 +1,110 @@
+// Shapes and inputs shared by the CPU checks of the ops (OpCases*) and the
+// CPU-vs-GPU parity tests (CudaOps*), both in tests/test_cuda_ops.cpp: the
+// same list runs on every machine, so a case the GPU tests use is known to be
+// sound on the CPU even where no GPU exists.
+//
+// The cases cover what a per-row or grid-stride kernel gets wrong first: N = 1,
+// C odd and not a multiple of a warp (32) or of a thread block (256), a row
+// wider than one thread block, D/2 odd, and values far from 1 (large ones,
+// where bf16's relative precision is the same but fp32 sums grow, and small
+// ones, where RMSNorm's eps matters).
+//
+// Every input is bf16-representable (rounded through bf16 when made), so the
+// CPU (fp32) and the GPU (bf16 storage) start from the very same values and
+// their difference is only the GPU's arithmetic and output rounding.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "kernels/ops.h"
+
+namespace qlora::op_cases {
+
+struct RmsnormCase {
+  int64_t N, C;
+  float scale;  // standard deviation of the input
+  float eps;
+};
+inline std::vector<RmsnormCase> rmsnorm_cases() {
+  return {{1, 1, 1.0f, 1e-5f},     {1, 7, 1.0f, 1e-5f},    {3, 31, 1.0f, 1e-6f},   {4, 33, 1.0f, 1e-5f},
+          {2, 255, 1.0f, 1e-5f},   {5, 257, 1.0f, 1e-5f},  {1, 3001, 1.0f, 1e-6f}, {2, 4096, 1.0f, 1e-5f},
+          {3, 100, 1.0e4f, 1e-5f}, {2, 50, 1.0e-3f, 1e-5f}};
+}
+
+struct SwigluCase {
+  int64_t n;
+  float scale;  // standard deviation of gate and up
+};
+inline std::vector<SwigluCase> swiglu_cases() {
+  // scale 8: gates of +-30 and beyond saturate the sigmoid (exp overflows to inf on one side).
+  return {{1, 1.0f}, {31, 1.0f}, {33, 1.0f}, {1000, 1.0f}, {70001, 1.0f}, {4097, 8.0f}, {513, 1.0e-3f}};
+}
+
+struct RopeCase {
+  int64_t N, NH, D, P;  // P: positions the tables hold (pos < P)
+  float scale;
+};
+inline std::vector<RopeCase> rope_cases() {
+  return {{1, 1, 2, 1, 1.0f},   {2, 1, 6, 5, 1.0f},     {3, 2, 8, 16, 1.0f},
+          {5, 3, 64, 40, 1.0f}, {7, 4, 128, 300, 1.0f}, {4, 2, 96, 2048, 100.0f}};
+}
+
+struct EmbeddingCase {
+  int64_t N, C, V;
+};
+inline std::vector<EmbeddingCase> embedding_cases() {
+  return {{1, 1, 1}, {5, 7, 11}, {33, 65, 100}, {64, 4096, 3}};
+}
+
+template <typename Case>
+std::string describe(const char* op, const Case& c) {
+  std::ostringstream os;
+  os << op;
+  if constexpr (requires { c.eps; })
+    os << " N " << c.N << " C " << c.C << " scale " << c.scale << " eps " << c.eps;
+  if constexpr (requires { c.n; }) os << " n " << c.n << " scale " << c.scale;
+  if constexpr (requires { c.D; })
+    os << " N " << c.N << " NH " << c.NH << " D " << c.D << " P " << c.P << " scale " << c.scale;
+  if constexpr (requires { c.V; }) os << " N " << c.N << " C " << c.C << " V " << c.V;
+  return os.str();
+}
+
+// n Gaussian values of standard deviation `sigma` (around `mean`), each rounded to bf16.
+inline std::vector<float> bf16_randn(int64_t n, unsigned seed, float sigma, float mean = 0.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(mean, sigma);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) v = bf16_to_f32(f32_to_bf16(d(rng)));
+  return x;
+}
+
+// n ids uniform in [0, hi).
+inline std::vector<int32_t> uniform_ids(int64_t n, unsigned seed, int64_t hi) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int64_t> d(0, hi - 1);
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (auto& v : ids) v = static_cast<int32_t>(d(rng));
+  return ids;
+}
+
+// Llama-style RoPE tables (theta 10000) for P positions, as the model builds them.
+struct RopeTables {
+  std::vector<float> inv_freq, cos, sin;  // (D/2), (P, D/2), (P, D/2)
+};
+inline RopeTables rope_tables_for(int64_t P, int64_t D) {
+  RopeTables t;
+  const auto half = static_cast<size_t>(D / 2);
+  t.inv_freq.resize(half);
+  t.cos.resize(static_cast<size_t>(P) * half);
+  t.sin.resize(static_cast<size_t>(P) * half);
+  ops::rope_inv_freq(t.inv_freq.data(), ops::RopeParams{}, D);
+  ops::rope_tables(t.cos.data(), t.sin.data(), t.inv_freq.data(), P, D);
+  return t;
+}
+
+}  // namespace qlora::op_cases
