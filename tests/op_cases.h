@@ -107,4 +107,32 @@ inline RopeTables rope_tables_for(int64_t P, int64_t D) {
   return t;
 }
 
+// A case's inputs and the CPU reference outputs, made once for both the CPU
+// checks and the GPU parity tests, so the two always test the same thing.
+struct RmsnormRun {
+  std::vector<float> x, w, dy;     // (N,C), (C), (N,C)
+  std::vector<float> out, rstd, dx;  // CPU forward and backward
+};
+inline RmsnormRun rmsnorm_cpu(const RmsnormCase& c) {
+  const auto nc = static_cast<size_t>(c.N * c.C);
+  RmsnormRun r{bf16_randn(c.N * c.C, 3, c.scale), bf16_randn(c.C, 4, 0.1f, 1.0f), bf16_randn(c.N * c.C, 5, 1.0f),
+               std::vector<float>(nc), std::vector<float>(static_cast<size_t>(c.N)), std::vector<float>(nc)};
+  ops::rmsnorm_forward(r.out.data(), r.rstd.data(), r.x.data(), r.w.data(), c.N, c.C, c.eps);
+  ops::rmsnorm_backward(r.dx.data(), r.dy.data(), r.x.data(), r.w.data(), r.rstd.data(), c.N, c.C);
+  return r;
+}
+
+struct SwigluRun {
+  std::vector<float> g, u, dy;     // (n) each
+  std::vector<float> out, dg, du;  // CPU forward and backward
+};
+inline SwigluRun swiglu_cpu(const SwigluCase& c) {
+  const auto n = static_cast<size_t>(c.n);
+  SwigluRun r{bf16_randn(c.n, 6, c.scale), bf16_randn(c.n, 7, c.scale), bf16_randn(c.n, 8, 1.0f),
+              std::vector<float>(n), std::vector<float>(n), std::vector<float>(n)};
+  ops::swiglu_forward(r.out.data(), r.g.data(), r.u.data(), c.n);
+  ops::swiglu_backward(r.dg.data(), r.du.data(), r.dy.data(), r.g.data(), r.u.data(), c.n);
+  return r;
+}
+
 }  // namespace qlora::op_cases

@@ -61,10 +61,7 @@ size_t sz(int64_t n) {
 TEST(OpCases, RmsnormForwardHasUnitRmsBeforeTheWeight) {
   for (const RmsnormCase& c : rmsnorm_cases()) {
     const std::string what = describe("rmsnorm", c);
-    const auto x = bf16_randn(c.N * c.C, 1, c.scale);
-    const auto w = bf16_randn(c.C, 2, 0.1f, 1.0f);
-    std::vector<float> out(sz(c.N * c.C)), rstd(sz(c.N));
-    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), c.N, c.C, c.eps);
+    const auto [x, w, dy, out, rstd, dx] = rmsnorm_cpu(c);
     for (int64_t i = 0; i < c.N; ++i) {
       double ms = 0.0;
       for (int64_t j = 0; j < c.C; ++j) ms += double(x[sz(i * c.C + j)]) * x[sz(i * c.C + j)];
@@ -87,12 +84,7 @@ TEST(OpCases, RmsnormForwardHasUnitRmsBeforeTheWeight) {
 TEST(OpCases, RmsnormBackwardMatchesFiniteDifferences) {
   for (const RmsnormCase& c : rmsnorm_cases()) {
     const std::string what = describe("rmsnorm backward", c);
-    const auto x = bf16_randn(c.N * c.C, 3, c.scale);
-    const auto w = bf16_randn(c.C, 4, 0.1f, 1.0f);
-    const auto dy = bf16_randn(c.N * c.C, 5, 1.0f);
-    std::vector<float> out(sz(c.N * c.C)), rstd(sz(c.N)), dx(sz(c.N * c.C));
-    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), c.N, c.C, c.eps);
-    ops::rmsnorm_backward(dx.data(), dy.data(), x.data(), w.data(), rstd.data(), c.N, c.C);
+    const auto [x, w, dy, out, rstd, dx] = rmsnorm_cpu(c);
     for (int64_t i = 0; i < c.N; ++i) {
       std::vector<double> xr(x.begin() + i * c.C, x.begin() + (i + 1) * c.C);
       auto loss = [&] {
@@ -135,11 +127,7 @@ double silu(double g) {
 TEST(OpCases, SwigluMatchesDoubleAndFiniteDifferences) {
   for (const SwigluCase& c : swiglu_cases()) {
     const std::string what = describe("swiglu", c);
-    const auto g = bf16_randn(c.n, 6, c.scale), u = bf16_randn(c.n, 7, c.scale),
-               dy = bf16_randn(c.n, 8, 1.0f);
-    std::vector<float> out(sz(c.n)), dg(sz(c.n)), du(sz(c.n));
-    ops::swiglu_forward(out.data(), g.data(), u.data(), c.n);
-    ops::swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), c.n);
+    const auto [g, u, dy, out, dg, du] = swiglu_cpu(c);
     for (size_t i = 0; i < sz(c.n); ++i) {
       const double want = silu(g[i]) * u[i];
       ASSERT_NEAR(out[i], want, 1e-6 * std::abs(want) + 1e-37) << what << " at " << i;
@@ -254,10 +242,7 @@ TEST(CudaOps, RmsnormForwardMatchesCpuWithinBf16) {
   QLORA_REQUIRE_GPU();
   for (const RmsnormCase& c : rmsnorm_cases()) {
     const std::string what = describe("rmsnorm", c);
-    const auto x = bf16_randn(c.N * c.C, 1, c.scale);
-    const auto w = bf16_randn(c.C, 2, 0.1f, 1.0f);
-    std::vector<float> out(sz(c.N * c.C)), rstd(sz(c.N));
-    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), c.N, c.C, c.eps);
+    const auto [x, w, dy, out, rstd, grad] = rmsnorm_cpu(c);
 
     auto dx = upload(to_bits(x)), dw = upload(to_bits(w));
     DeviceBuffer<uint16_t> dout(sz(c.N * c.C));
@@ -277,12 +262,7 @@ TEST(CudaOps, RmsnormBackwardMatchesCpuWithinBf16) {
   QLORA_REQUIRE_GPU();
   for (const RmsnormCase& c : rmsnorm_cases()) {
     const std::string what = describe("rmsnorm backward", c);
-    const auto x = bf16_randn(c.N * c.C, 3, c.scale);
-    const auto w = bf16_randn(c.C, 4, 0.1f, 1.0f);
-    const auto dy = bf16_randn(c.N * c.C, 5, 1.0f);
-    std::vector<float> out(sz(c.N * c.C)), rstd(sz(c.N)), dx(sz(c.N * c.C));
-    ops::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), c.N, c.C, c.eps);
-    ops::rmsnorm_backward(dx.data(), dy.data(), x.data(), w.data(), rstd.data(), c.N, c.C);
+    const auto [x, w, dy, out, rstd, dx] = rmsnorm_cpu(c);
 
     // dx = r (w dy - xhat m) cancels: scale each element by its terms, r (|w dy| + |xhat| mean|w dy xhat|).
     std::vector<double> scale(dx.size());
@@ -309,11 +289,7 @@ TEST(CudaOps, SwigluMatchesCpuWithinBf16) {
   QLORA_REQUIRE_GPU();
   for (const SwigluCase& c : swiglu_cases()) {
     const std::string what = describe("swiglu", c);
-    const auto g = bf16_randn(c.n, 6, c.scale), u = bf16_randn(c.n, 7, c.scale),
-               dy = bf16_randn(c.n, 8, 1.0f);
-    std::vector<float> out(sz(c.n)), dg(sz(c.n)), du(sz(c.n));
-    ops::swiglu_forward(out.data(), g.data(), u.data(), c.n);
-    ops::swiglu_backward(dg.data(), du.data(), dy.data(), g.data(), u.data(), c.n);
+    const auto [g, u, dy, out, dg, du] = swiglu_cpu(c);
 
     auto d_g = upload(to_bits(g)), d_u = upload(to_bits(u)), d_dy = upload(to_bits(dy));
     DeviceBuffer<uint16_t> d_out(sz(c.n)), d_dg(sz(c.n)), d_du(sz(c.n));
