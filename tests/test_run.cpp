@@ -230,6 +230,11 @@ TEST(Run, ContinuingFromAnAdapterStartsWhereTheFirstRunEnded) {
   const std::string e =
       error_of([&] { run_quiet(demo(d / "c", {"lora.rank=4", "lora.init=" + (d / "a" / "adapter").string()})); });
   EXPECT_NE(e.find("lora.init"), std::string::npos) << e;
+  EXPECT_NE(e.find("r=8"), std::string::npos) << e;
+  // Same shapes, another scale: continuing would start from another model.
+  const std::string e2 =
+      error_of([&] { run_quiet(demo(d / "c", {"lora.alpha=8", "lora.init=" + (d / "a" / "adapter").string()})); });
+  EXPECT_NE(e2.find("lora_alpha=16"), std::string::npos) << e2;
 }
 
 TEST(Run, APlanThatDoesNotFitStopsBeforeLoadingAnything) {

@@ -231,30 +231,7 @@ TrainState read_train_state(const fs::path& ckpt) {
 TrainState load_checkpoint(const fs::path& ckpt, LoraWeights& lora, Optimizer& opt, const ModelConfig& cfg) {
   TrainState s = read_train_state(ckpt);
 
-  // Adapter: load_peft checks every tensor's name and shape against cfg and
-  // the adapter's own r and targets; those must then equal this run's.
-  const fs::path adapter_dir = ckpt / kAdapterDir;
-  const fs::path adapter_cfg = adapter_dir / "adapter_config.json";
-  const LoraWeights loaded = LoraWeights::load_peft(adapter_dir, cfg);
-  const LoraConfig &have = loaded.config(), &want = lora.config();
-  if (have.rank != want.rank)
-    fail(adapter_cfg.string(), ": the checkpoint has LoRA rank r=", have.rank,
-         ", this run uses r=", want.rank);
-  auto names = [](const LoraConfig& c) {
-    std::string list;
-    for (int t = 0; t < kNumLoraTargets; ++t)
-      if (c.targets[size_t(t)]) list += str(list.empty() ? "" : " ", lora_target_module(LoraTarget(t)));
-    return list;
-  };
-  if (have.targets != want.targets)
-    fail(adapter_cfg.string(), ": the checkpoint adapts [", names(have), "], this run targets [", names(want),
-         "]");
-  if (have.alpha != want.alpha || have.rslora != want.rslora)
-    fail(adapter_cfg.string(), ": the checkpoint has lora_alpha=", have.alpha, " use_rslora=", have.rslora,
-         ", this run uses lora_alpha=", want.alpha, " use_rslora=", want.rslora);
-  if (loaded.flat_size() != lora.flat_size())
-    fail(adapter_dir.string(), ": adapter holds ", loaded.flat_size(), " values, expected ",
-         lora.flat_size());
+  const LoraWeights loaded = load_matching_adapter(ckpt / kAdapterDir, lora, cfg);
 
   // Optimizer: the same state arrays, by name and length.
   const SafetensorsFile of(ckpt / kOptimizerFile);

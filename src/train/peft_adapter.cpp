@@ -98,4 +98,27 @@ void save_peft_adapter(const LoraWeights& lora, const ModelConfig& cfg, const st
   out.commit();
 }
 
+LoraWeights load_matching_adapter(const std::filesystem::path& dir, const LoraWeights& like,
+                                  const ModelConfig& cfg) {
+  const std::string config_file = (dir / "adapter_config.json").string();
+  LoraWeights loaded = LoraWeights::load_peft(dir, cfg);
+  const LoraConfig &have = loaded.config(), &want = like.config();
+  if (have.rank != want.rank)
+    fail(config_file, ": the adapter has LoRA rank r=", have.rank, ", this run uses r=", want.rank);
+  auto names = [](const LoraConfig& c) {
+    std::string list;
+    for (int t = 0; t < kNumLoraTargets; ++t)
+      if (c.targets[size_t(t)]) list += str(list.empty() ? "" : " ", lora_target_module(LoraTarget(t)));
+    return list;
+  };
+  if (have.targets != want.targets)
+    fail(config_file, ": the adapter adapts [", names(have), "], this run targets [", names(want), "]");
+  if (have.alpha != want.alpha || have.rslora != want.rslora)
+    fail(config_file, ": the adapter has lora_alpha=", have.alpha, " use_rslora=", have.rslora,
+         ", this run uses lora_alpha=", want.alpha, " use_rslora=", want.rslora);
+  if (loaded.flat_size() != like.flat_size())
+    fail(dir.string(), ": adapter holds ", loaded.flat_size(), " values, expected ", like.flat_size());
+  return loaded;
+}
+
 }  // namespace qlora

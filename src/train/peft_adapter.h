@@ -27,4 +27,11 @@ nlohmann::json peft_adapter_config(const LoraConfig& lc, const std::string& base
 void save_peft_adapter(const LoraWeights& lora, const ModelConfig& cfg, const std::filesystem::path& dir,
                        const std::string& base_model_name_or_path);
 
+// Reads the PEFT adapter in `dir` (LoraWeights::load_peft: names and shapes
+// against cfg) and checks that it fits `like`: the same rank, target modules,
+// lora_alpha and use_rslora. Errors name adapter_config.json and both values.
+// `like` is not changed, so callers copy the result in only once everything
+// else they restore has been checked too.
+LoraWeights load_matching_adapter(const std::filesystem::path& dir, const LoraWeights& like, const ModelConfig& cfg);
+
 }  // namespace qlora

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "core/atomic_file.h"
 #include "core/cache_dir.h"
 #include "core/error.h"
 #include "core/progress.h"
@@ -111,9 +110,6 @@ RunSetup open_run(const Recipe& r, bool resume, bool overwrite, std::FILE* out) 
 
   // The plan's options, so the arenas are exactly the planned ones.
   s.weights = load_llama_weights(s.model_dir, weight_load_options(s.plan.input));
-  // Written once everything loaded: a run that failed before training leaves
-  // no recipe.yaml, so the folder does not count as holding a run.
-  write_file_atomic(s.output_dir / "recipe.yaml", recipe_to_yaml(r));
   return s;
 }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "data/pipeline.h"
@@ -90,10 +91,6 @@ class StepPlan {
   std::vector<size_t> order_;
 };
 
-}  // namespace
-
-namespace {
-
 // report.html from what is on disk and in memory now.
 void write_run_report(const RunSetup& setup, const Recipe& r, const std::string& measured, double wall_s,
                       int64_t step, int64_t total) {
@@ -143,13 +140,12 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   LoraWeights lora(cfg, planned.lora);
   lora.init_default(r.train.seed);
   if (r.lora.init != "default") {
-    const LoraWeights from = LoraWeights::load_peft(r.lora.init, cfg);
-    if (from.flat_size() != lora.flat_size() || from.config().rank != lora.config().rank ||
-        from.config().targets != lora.config().targets)
-      fail("lora.init: the adapter in ", r.lora.init, " has rank ", from.config().rank,
-           " and other target modules than this recipe (lora.rank ", r.lora.rank,
-           "); set lora.rank and lora.targets to the adapter's");
-    std::memcpy(lora.flat_params(), from.flat_params(), lora.flat_size() * sizeof(float));
+    try {
+      const LoraWeights from = load_matching_adapter(r.lora.init, lora, cfg);
+      std::memcpy(lora.flat_params(), from.flat_params(), lora.flat_size() * sizeof(float));
+    } catch (const Error& e) {
+      fail("lora.init: ", e.what(), " (set the lora section to the adapter's)");
+    }
   }
   Optimizer opt(planned.optimizer, lora.flat_size());
   LlamaModel model(setup.weights, &lora, planned.micro_batch, planned.seq_len, llama_run_options(planned));
@@ -186,6 +182,9 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
                  (long long)state.step, (long long)total);
   }
   sum.start_step = state.step;
+  // Written once everything is loaded and checked: a run that failed before
+  // training leaves no recipe.yaml, so its folder does not count as a run.
+  write_file_atomic(setup.output_dir / "recipe.yaml", recipe_to_yaml(r));
   const double wall_before = state.wall_seconds;
 
   MetricsLog metrics(setup.output_dir / "metrics.jsonl", /*append=*/setup.resume_from.has_value());
