@@ -64,12 +64,33 @@ std::vector<std::string> short_run() {
 TEST(Run, DemoLossFallsWellBelowTheStart) {
   ScratchDir d;
   const Recipe r = demo(d / "run", {"train.epochs=1"});
-  const RunSummary s = run_quiet(r);
+  RunOptions o;
+  o.live = false;
+  std::FILE* log = std::fopen((d / "log").c_str(), "w");
+  ASSERT_TRUE(log);
+  o.out = log;
+  const RunSummary s = run_recipe(r, o);
+  std::fclose(log);
   ASSERT_TRUE(s.first_val_loss && s.last_val_loss);
   // A random base starts near ln(512) = 6.2 nats; one epoch of the demo
   // brings validation loss down by well over a nat.
   EXPECT_LT(*s.last_val_loss, *s.first_val_loss - 1.0) << *s.first_val_loss << " -> " << *s.last_val_loss;
   EXPECT_LT(s.last_loss, s.first_loss - 1.0);
+  // The sample answers before and after: generated from the alpaca prompt, and
+  // changed by training.
+  const std::string text = read_bytes(d / "log");
+  for (const auto& prompt : r.logging.sample_prompts) {
+    auto reply = [&](const std::string& when) {
+      const size_t at = text.find("sample (" + when + ")\n  prompt: " + prompt + "\n  reply:  ");
+      EXPECT_NE(at, std::string::npos) << when << " " << prompt << "\n" << text;
+      if (at == std::string::npos) return std::string();
+      const size_t b = text.find("reply:  ", at) + 8;
+      return text.substr(b, text.find('\n', b) - b);
+    };
+    const std::string before = reply("before training"), after = reply("after training");
+    EXPECT_FALSE(after.empty());
+    EXPECT_NE(before, after) << prompt;
+  }
 
   // The run folder: resolved recipe, metrics, report, PEFT adapter.
   const fs::path out = d / "run";

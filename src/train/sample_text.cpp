@@ -14,9 +14,10 @@ std::string sample_reply(const LlamaWeights& w, const LoraWeights* lora, const T
                          const ChatTemplate& tmpl, const std::string& prompt, int64_t max_new) {
   // Render the prompt with a placeholder reply and keep the untrained prefix:
   // that is exactly what the template puts before an assistant turn.
-  const Conversation conv{{Role::user, prompt, {}}, {Role::assistant, "x", {}}};
-  const bool add_bos = !tmpl.renders_bos() && tokenizer_adds_bos(tok);
-  const TokenizedSample s = tokenize_segments(tok, tmpl.render(conv), add_bos, /*train_on_inputs=*/false);
+  Sample sample;
+  sample.conversation = {{Role::user, prompt, {}}, {Role::assistant, "x", {}}};
+  sample.where = "logging.sample_prompts";
+  const TokenizedSample s = tokenize_sample(tok, tmpl, sample, {});
   std::vector<int32_t> ids;
   for (size_t i = 0; i < s.input_ids.size() && s.labels[i] == ops::kIgnoreIndex; ++i) ids.push_back(s.input_ids[i]);
   if (ids.empty()) return {};
