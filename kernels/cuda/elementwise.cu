@@ -9,40 +9,14 @@
 #include <utility>
 
 #include "core/error.h"
+#include "kernels/cuda/common.cuh"
 #include "kernels/cuda/ops_cuda.h"
 
 namespace qlora::cuda_ops {
 
+using namespace cuda_detail;
+
 namespace {
-
-constexpr int kThreads = 256;                   // threads per thread block, every kernel
-constexpr int64_t kMaxGrid = int64_t(1) << 20;  // thread blocks; kernels loop beyond
-
-__device__ __forceinline__ float bf16_to_f32(uint16_t h) {
-  return __uint_as_float(uint32_t(h) << 16);
-}
-
-// Nearest even; a NaN stays a quiet NaN (as f32_to_bf16 in src/core/dtype.h).
-__device__ __forceinline__ uint16_t f32_to_bf16(float f) {
-  uint32_t b = __float_as_uint(f);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x0040u);
-  b += 0x7fffu + ((b >> 16) & 1u);
-  return uint16_t(b >> 16);
-}
-
-// Sum of v over the thread block, returned to every thread. `shared` holds one
-// float per warp; the trailing barrier lets the caller reuse it at once.
-__device__ float block_sum(float v, float* shared) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
-  const int warps = int(blockDim.x) >> 5;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  for (int w = 0; w < warps; ++w) total += shared[w];  // same order in every thread: one value for all
-  __syncthreads();
-  return total;
-}
 
 __global__ void __launch_bounds__(kThreads)
     embedding_kernel(uint16_t* __restrict__ out, const int32_t* __restrict__ tokens,
@@ -155,25 +129,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- host side ----------------------------------------------------------------
-
-int grid_for(int64_t work_items, int64_t items_per_block) {
-  const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
-  return int(blocks < kMaxGrid ? blocks : kMaxGrid);
-}
-
-void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    fail("CUDA launch of ", kernel, " failed: ", cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
-}
-
-void check_dims(const char* fn, const char* name, int64_t v) {
-  if (v < 0) fail(fn, ": dimension ", name, " = ", v, " is negative");
-}
-
-void check_pointer(const char* fn, const void* p, const char* name, int64_t n) {
-  if (n > 0 && p == nullptr) fail(fn, ": ", name, " is null (", n, " elements requested)");
-}
 
 }  // namespace
 

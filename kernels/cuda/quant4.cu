@@ -16,28 +16,17 @@
 #include <cstdint>
 
 #include "core/error.h"
+#include "kernels/cuda/common.cuh"
 #include "kernels/cuda/device.h"
 #include "quant/codebook.h"
 
 namespace qlora {
 
+using namespace cuda_detail;
+
 namespace {
 
-constexpr int kThreads = 256;          // threads per thread block, every kernel
 constexpr int kMaxPairsPerThread = 8;  // 4096-value block / 2 / 256 threads
-constexpr int64_t kMaxGrid = int64_t(1) << 20;  // thread blocks; kernels loop beyond
-
-__device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
-
-// Round to nearest even; a NaN stays a quiet NaN with its sign and top payload
-// bits. The same integer arithmetic as f32_to_bf16 in src/core/dtype.h
-// (__float2bfloat16_rn would return a canonical NaN instead).
-__device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
-  uint32_t b = __float_as_uint(f);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x0040u);
-  b += 0x7fffu + ((b >> 16) & 1u);
-  return uint16_t(b >> 16);
-}
 
 // Loads elements i and i+1 (or i and a 0.0f pad when i+1 is past `len`).
 // `pairs` says the pair may be read as one 8-byte (fp32) / 4-byte (bf16) word.
@@ -59,8 +48,8 @@ __device__ __forceinline__ void load_pair(const uint16_t* __restrict__ x, int64_
     a = __uint_as_float(v << 16);
     b = __uint_as_float(v & 0xffff0000u);
   } else {
-    a = bf16_bits_to_f32(x[i]);
-    b = second ? bf16_bits_to_f32(x[i + 1]) : 0.0f;
+    a = bf16_to_f32(x[i]);
+    b = second ? bf16_to_f32(x[i + 1]) : 0.0f;
   }
 }
 
@@ -75,12 +64,12 @@ __device__ __forceinline__ void store_pair(float* __restrict__ out, int64_t i, b
 }
 __device__ __forceinline__ void store_pair(uint16_t* __restrict__ out, int64_t i, bool second, bool pairs, float a,
                                            float b) {
-  const uint16_t ha = f32_to_bf16_bits(a);
+  const uint16_t ha = f32_to_bf16(a);
   if (second && pairs) {
-    *reinterpret_cast<uint32_t*>(out + i) = uint32_t(ha) | (uint32_t(f32_to_bf16_bits(b)) << 16);
+    *reinterpret_cast<uint32_t*>(out + i) = uint32_t(ha) | (uint32_t(f32_to_bf16(b)) << 16);
   } else {
     out[i] = ha;
-    if (second) out[i + 1] = f32_to_bf16_bits(b);
+    if (second) out[i + 1] = f32_to_bf16(b);
   }
 }
 
@@ -182,16 +171,6 @@ __global__ void __launch_bounds__(kThreads) double_dequantize_kernel(const Doubl
     p.absmax_out[i] = __fadd_rn(__fmul_rn(code[p.codes8[i]], p.nested_absmax[i / p.nested_block]), p.offset);
 }
 
-int grid_for(int64_t work_items, int64_t items_per_block) {
-  const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
-  return int(blocks < kMaxGrid ? blocks : kMaxGrid);
-}
-
-void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) fail("CUDA launch of ", kernel, " failed: ", cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
-}
-
 // ---- host-side validation ----------------------------------------------------
 
 // The rule of valid_block4 (quant/blockwise.cpp). Not called from here because
@@ -211,10 +190,6 @@ void check_quant4_args(const char* fn, int64_t n, int64_t block, Quant4Type t) {
   if (!block4_supported(block))
     fail(fn, ": 4-bit block size ", block, " is not supported (expected a power of two from 32 to 4096)");
   if (t != Quant4Type::NF4 && t != Quant4Type::FP4) fail(fn, ": unknown 4-bit type ", int(t));
-}
-
-void check_pointer(const char* fn, const void* p, const char* name, int64_t n) {
-  if (n > 0 && p == nullptr) fail(fn, ": ", name, " is null (", n, " elements requested)");
 }
 
 template <typename In>
