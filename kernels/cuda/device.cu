@@ -24,6 +24,16 @@ void cuda_buffer_overflow(const char* what, size_t n, size_t size) {
 std::optional<std::string> cuda_unavailable_reason() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaErrorInsufficientDriver) {
+    (void)cudaGetLastError();
+    int driver = 0, runtime = 0;
+    (void)cudaDriverGetVersion(&driver);
+    (void)cudaRuntimeGetVersion(&runtime);
+    // Version 0: no driver at all (a machine without an NVIDIA GPU).
+    if (driver == 0) return std::string("no CUDA device found (no NVIDIA driver is installed)");
+    return str("the NVIDIA driver is too old: it supports CUDA ", driver / 1000, ".", driver % 1000 / 10,
+               ", this build needs CUDA ", runtime / 1000, ".", runtime % 1000 / 10, "; update the driver");
+  }
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // clear the (non-sticky) error for later calls
     return str("no CUDA device found (cudaGetDeviceCount: ", cudaGetErrorString(err), ")");
@@ -40,6 +50,10 @@ std::optional<std::string> cuda_unavailable_reason() {
     (void)cudaGetLastError();
     return str("CUDA device ", device, " unusable (cudaGetDeviceProperties: ", cudaGetErrorString(e), ")");
   }
+  // bf16 tensor cores (mma.sync m16n8k16 bf16) start with Ampere.
+  if (prop.major < 8)
+    return str("CUDA device ", device, " (", prop.name, ", compute capability ", prop.major, ".", prop.minor,
+               ") is too old: qlora needs compute capability 8.0 or newer (Ampere, Ada, Hopper)");
   // Creates the context and looks for an image of our kernels for this
   // architecture (the build targets QLORA_CUDA_ARCHS, 8.0+ by default).
   cudaFuncAttributes attr{};

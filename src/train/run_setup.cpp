@@ -9,6 +9,7 @@
 #include "io/hf_config.h"
 #include "model/builtin.h"
 #include "recipe/recipe_schema.h"
+#include "train/backend.h"
 #include "train/checkpoint.h"
 
 namespace qlora {
@@ -82,15 +83,15 @@ RunSetup open_run(const Recipe& r, bool resume, bool overwrite, std::FILE* out) 
   PlanInput in = plan_input_from_recipe(r, cfg);
   apply_checkpoint_quant(in, s.model_dir);
   in.model_name = r.model.path;
+  const BackendChoice backend = choose_backend(r.device.backend, cuda_training_unavailable());
+  if (!backend.warning.empty()) std::fprintf(out, "%s\n", backend.warning.c_str());
+  in.backend = backend.backend;
   if (in.backend == PlanBackend::cpu && in.budget_bytes == 0) in.budget_bytes = host_memory_bytes();
   s.plan = make_plan(in);
   std::fprintf(out, "%s\n", plan_table(s.plan).c_str());
   if (s.plan.verdict == Verdict::does_not_fit)
     fail("the run does not fit the memory budget; nothing was loaded.\n", plan_table(s.plan), "\n",
          advice_text(s.plan, make_advice(in)));
-  if (in.backend != PlanBackend::cpu)
-    fail("device.backend: this build trains on the CPU only (the CUDA training backend is not built yet); set "
-         "device.backend: cpu, or use `qlora estimate` to plan a GPU run");
 
   // 5 before 4: data errors surface before the (slow) weight load.
   s.tokenizer = Tokenizer::load(s.model_dir);
