@@ -39,6 +39,7 @@
 #include "core/error.h"
 #include "kernels/ops.h"
 #include "op_cases.h"
+#include "testing.h"
 
 #if QLORA_HAVE_CUDA
 #include "kernels/cuda/device.h"
@@ -379,6 +380,39 @@ TEST(CudaOps, EmbeddingEqualsCpuBitForBitAndReportsBadTokens) {
   }
 }
 
+// The residual add rounds once (the bound of the file, relative to |a| + |b|
+// since the terms may cancel); the fp32 accumulation and the rounding to bf16
+// are single IEEE operations on both sides, so they must agree bit for bit.
+TEST(CudaOps, ResidualAndPrecisionChangesMatchCpu) {
+  QLORA_REQUIRE_GPU();
+  for (const SwigluCase& c : swiglu_cases()) {
+    const std::string what = describe("residual", c);
+    const auto a = bf16_randn(c.n, 11, 1.0f), b = bf16_randn(c.n, 12, 0.5f);
+    std::vector<float> sum(sz(c.n));
+    ops::residual_forward(sum.data(), a.data(), b.data(), c.n);
+    std::vector<double> scale(sz(c.n));
+    for (size_t i = 0; i < scale.size(); ++i) scale[i] = std::abs(double(a[i])) + std::abs(double(b[i]));
+    auto d_a = upload(to_bits(a)), d_b = upload(to_bits(b));
+    DeviceBuffer<uint16_t> d_out(sz(c.n));
+    cuda_ops::residual_forward(d_out.data(), d_a.data(), d_b.data(), c.n);
+    EXPECT_TRUE(within_bf16(sum, download_bf16(d_out), scale)) << what;
+
+    const auto acc0 = testing::randn(c.n, 13);  // fp32 values, not bf16-representable
+    auto d_acc = upload(acc0);
+    cuda_ops::add_bf16_to_f32(d_acc.data(), d_b.data(), c.n);
+    cuda_ops::round_to_bf16(d_out.data(), d_acc.data(), c.n);
+    QLORA_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> acc(sz(c.n));
+    d_acc.download(acc.data(), acc.size());
+    std::vector<uint16_t> rounded(sz(c.n));
+    d_out.download(rounded.data(), rounded.size());
+    for (size_t i = 0; i < acc.size(); ++i) {
+      ASSERT_EQ(acc[i], acc0[i] + b[i]) << what << " add at " << i;
+      ASSERT_EQ(rounded[i], f32_to_bf16(acc[i])) << what << " round at " << i;
+    }
+  }
+}
+
 TEST(CudaOps, RejectsInvalidArguments) {
   QLORA_REQUIRE_GPU();
   DeviceBuffer<uint16_t> a(64), b(64), o(64);
@@ -418,6 +452,9 @@ TEST(CudaOps, EmbeddingEqualsCpuBitForBitAndReportsBadTokens) {
   QLORA_REQUIRE_GPU();
 }
 TEST(CudaOps, RejectsInvalidArguments) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaOps, ResidualAndPrecisionChangesMatchCpu) {
   QLORA_REQUIRE_GPU();
 }
 

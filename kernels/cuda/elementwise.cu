@@ -106,6 +106,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void __launch_bounds__(kThreads)
+    residual_kernel(uint16_t* out, const uint16_t* a, const uint16_t* __restrict__ b, int64_t n) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x)
+    out[e] = f32_to_bf16(bf16_to_f32(a[e]) + bf16_to_f32(b[e]));
+}
+
+__global__ void __launch_bounds__(kThreads)
+    add_bf16_to_f32_kernel(float* __restrict__ acc, const uint16_t* __restrict__ x, int64_t n) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x)
+    acc[e] += bf16_to_f32(x[e]);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    round_to_bf16_kernel(uint16_t* __restrict__ out, const float* __restrict__ in, int64_t n) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x)
+    out[e] = f32_to_bf16(in[e]);
+}
+
 // One thread per rotated pair (x1[j], x2[j]) of each (token, head): the two
 // halves of a head are D/2 apart, so neighbouring threads read neighbouring j.
 // sign = +1 rotates by +angle (forward), -1 by -angle (backward).
@@ -228,6 +246,36 @@ void rope_forward(uint16_t* x, const int32_t* pos, const float* cos, const float
 void rope_backward(uint16_t* dx, const int32_t* pos, const float* cos, const float* sin, int64_t N,
                    int64_t NH, int64_t D, cudaStream_t s) {
   rope_impl("cuda_ops::rope_backward", dx, pos, cos, sin, N, NH, D, -1.0f, s);
+}
+
+void residual_forward(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, cudaStream_t s) {
+  const char* fn = "cuda_ops::residual_forward";
+  check_dims(fn, "n", n);
+  for (auto [p, name] : {std::pair<const void*, const char*>{out, "out"}, {a, "a"}, {b, "b"}})
+    check_pointer(fn, p, name, n);
+  if (n == 0) return;
+  residual_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(out, a, b, n);
+  check_launch("residual_kernel");
+}
+
+void add_bf16_to_f32(float* acc, const uint16_t* x, int64_t n, cudaStream_t s) {
+  const char* fn = "cuda_ops::add_bf16_to_f32";
+  check_dims(fn, "n", n);
+  check_pointer(fn, acc, "acc", n);
+  check_pointer(fn, x, "x", n);
+  if (n == 0) return;
+  add_bf16_to_f32_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(acc, x, n);
+  check_launch("add_bf16_to_f32_kernel");
+}
+
+void round_to_bf16(uint16_t* out, const float* in, int64_t n, cudaStream_t s) {
+  const char* fn = "cuda_ops::round_to_bf16";
+  check_dims(fn, "n", n);
+  check_pointer(fn, out, "out", n);
+  check_pointer(fn, in, "in", n);
+  if (n == 0) return;
+  round_to_bf16_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(out, in, n);
+  check_launch("round_to_bf16_kernel");
 }
 
 }  // namespace qlora::cuda_ops

@@ -62,4 +62,12 @@ void rope_forward(uint16_t* x, const int32_t* pos, const float* cos, const float
 void rope_backward(uint16_t* dx, const int32_t* pos, const float* cos, const float* sin, int64_t N,
                    int64_t NH, int64_t D, cudaStream_t s = 0);
 
+// ---- residual stream and precision changes -----------------------------------
+// out = a + b (n) bf16, rounded once; out may alias a (ops::residual_forward).
+void residual_forward(uint16_t* out, const uint16_t* a, const uint16_t* b, int64_t n, cudaStream_t s = 0);
+// acc (n) fp32 += x (n) bf16: the fp32 residual gradient collects each branch.
+void add_bf16_to_f32(float* acc, const uint16_t* x, int64_t n, cudaStream_t s = 0);
+// out (n) bf16 = in (n) fp32 rounded to nearest even.
+void round_to_bf16(uint16_t* out, const float* in, int64_t n, cudaStream_t s = 0);
+
 }  // namespace qlora::cuda_ops
