@@ -36,7 +36,7 @@ namespace {
 Runner add_quantize(CLI::App& app) {
   auto* cmd = app.add_subcommand("quantize", "Quantize an HF model folder to the bitsandbytes 4-bit layout");
   struct Args {
-    std::string input, output, type = "nf4", shard_size = "5GB";
+    std::string input, output, type = "nf4", shard_size = "5GB", device = "auto";
     int64_t block = 64;
     bool no_double_quant = false, force = false, no_progress = false;
   };
@@ -48,6 +48,10 @@ Runner add_quantize(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--no-double-quant", a->no_double_quant, "Keep absmax scales in fp32 (4.5 instead of 4.127 bits)");
   cmd->add_option("--shard-size", a->shard_size, "Largest output shard")->capture_default_str();
+  cmd->add_option("--device", a->device,
+                  "Where to quantize: auto (the GPU when one is usable), cpu or cuda; the output is the same")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
   cmd->add_flag("--force", a->force, "Replace the output folder if it exists");
   cmd->add_flag("--no-progress", a->no_progress, "No progress bar");
   return [a]() {
@@ -58,6 +62,9 @@ Runner add_quantize(CLI::App& app) {
     opt.force = a->force;
     opt.max_shard_bytes = parse_size(a->shard_size);
     opt.progress = !a->no_progress && Progress::stderr_is_tty();
+    opt.device = a->device == "cuda"  ? QuantDevice::cuda
+                 : a->device == "cpu" ? QuantDevice::cpu
+                                      : QuantDevice::automatic;
     const auto input = resolve_model_path(a->input);
     const QuantizeReport r = quantize_model(input, a->output, opt);
     std::printf("quantized %s -> %s\n", input.string().c_str(), a->output.c_str());
@@ -65,10 +72,12 @@ Runner add_quantize(CLI::App& app) {
                 static_cast<long long>(r.quantized_tensors), a->type.c_str(), static_cast<long long>(opt.block),
                 opt.double_quant ? ", double quant" : "", static_cast<long long>(r.kept_tensors),
                 static_cast<long long>(r.shards), r.shards == 1 ? "" : "s");
-    std::printf("  %s -> %s (%.3f bits/parameter over %lld parameters) in %s, %s/s\n",
+    const std::string note = r.device_note.empty() ? "" : " (" + r.device_note + ")";
+    std::printf("  %s -> %s (%.3f bits/parameter over %lld parameters) in %s, %s/s on %s%s\n",
                 human_bytes(r.input_bytes).c_str(), human_bytes(r.output_bytes).c_str(), r.bits_per_param(),
                 static_cast<long long>(r.params), human_duration(r.seconds).c_str(),
-                human_bytes(uint64_t(double(r.input_bytes) / std::max(r.seconds, 1e-9))).c_str());
+                human_bytes(uint64_t(double(r.input_bytes) / std::max(r.seconds, 1e-9))).c_str(),
+                r.device_name.c_str(), note.c_str());
     return 0;
   };
 }

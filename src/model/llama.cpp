@@ -100,28 +100,36 @@ void LlamaActivationViews::layout(Arena& a, const ModelConfig& cfg, const LoraCo
   dxd_ = f(N * wide, "dxd");
 }
 
-// Positions -> document starts; validates the batch against the arena and model.
+void batch_positions(const LlamaBatch& b, int32_t* pos, int32_t* doc_start) {
+  for (int64_t r = 0; r < b.B; ++r)
+    for (int64_t t = 0; t < b.T; ++t) {
+      const int64_t i = r * b.T + t;
+      const int32_t p = b.positions ? b.positions[i] : int32_t(t);
+      // A document starts at position 0 and counts up by one.
+      const bool ok = t == 0 ? p == 0 : (p == 0 || p == pos[i - 1] + 1);
+      if (!ok) fail("position ", p, " at row ", r, " column ", t, ": positions must start at 0 and count up by one "
+                    "within each packed document");
+      pos[i] = p;
+      doc_start[i] = int32_t(t - p);
+    }
+}
+
+// Validates the batch against the arena, then positions -> document starts.
 void LlamaModel::prepare(const LlamaBatch& b) {
   if (b.B <= 0 || b.T <= 0 || b.B > max_B_ || b.T > max_T_)
     fail("batch ", b.B, "x", b.T, " does not fit the model's reserved ", max_B_, "x", max_T_);
   B_ = b.B;
   T_ = b.T;
   N_ = b.B * b.T;
-  for (int64_t r = 0; r < B_; ++r)
-    for (int64_t t = 0; t < T_; ++t) {
-      const int64_t i = r * T_ + t;
-      const int32_t p = b.positions ? b.positions[i] : int32_t(t);
-      // A document starts at position 0 and counts up by one.
-      const bool ok = t == 0 ? p == 0 : (p == 0 || p == pos_[i - 1] + 1);
-      if (!ok) fail("position ", p, " at row ", r, " column ", t, ": positions must start at 0 and count up by one "
-                    "within each packed document");
-      pos_[i] = p;
-      doc_start_[i] = int32_t(t - p);
-    }
+  batch_positions(b, pos_, doc_start_);
+}
+
+uint64_t lora_dropout_seed(uint64_t lora_seed, uint64_t forward_count, int64_t l, LoraTarget t) {
+  return lora_seed ^ (forward_count * 0x100000001b3ull) ^ uint64_t(l * kNumLoraTargets + int(t)) << 40;
 }
 
 uint64_t LlamaModel::dropout_seed(int64_t l, LoraTarget t) const {
-  return (lora_ ? lora_->config().seed : 0) ^ (step_ * 0x100000001b3ull) ^ uint64_t(l * kNumLoraTargets + int(t)) << 40;
+  return lora_dropout_seed(lora_ ? lora_->config().seed : 0, step_, l, t);
 }
 
 // out (N,OUT) = inp W^T + bias + LoRA(inp)

@@ -13,6 +13,7 @@
 #include "core/arena.h"
 #include "kernels/ops.h"
 #include "model/lora.h"
+#include "model/trainable.h"
 #include "model/weights.h"
 
 namespace qlora {
@@ -32,6 +33,15 @@ struct LlamaRunOptions {
   bool checkpointing = false;  // keep only each layer's input; recompute it in backward
   ops::CeChunking ce;
 };
+
+// pos (B*T) and doc_start (B*T) of a batch (doc_start[i] = t - position: the
+// first token of i's document in its row); throws qlora::Error naming the row
+// and column of a position that does not start at 0 or count up by one.
+void batch_positions(const LlamaBatch& b, int32_t* pos, int32_t* doc_start);
+
+// The dropout seed of adapter (l, t) at a forward count: every backend draws
+// the same masks (ops::dropout_forward's counter-based hash).
+uint64_t lora_dropout_seed(uint64_t lora_seed, uint64_t forward_count, int64_t l, LoraTarget t);
 
 // The config's rope_theta / rope_scaling as the op's parameters.
 ops::RopeParams rope_params(const ModelConfig& c);
@@ -57,7 +67,7 @@ struct LlamaActivationViews {
   float *dres_, *dtmp_, *dln_, *dlin_, *dq_, *dk_, *dv_, *datt_, *dgate_, *dup_, *dact_, *dh_, *dxd_;
 };
 
-class LlamaModel : private LlamaActivationViews {
+class LlamaModel : public TrainableModel, private LlamaActivationViews {
  public:
   // Bytes of the activation arena a model of this config would allocate for
   // batches up to max_B x max_T (== activation_bytes() of that model): the
@@ -72,21 +82,21 @@ class LlamaModel : private LlamaActivationViews {
   // Returns this micro-batch's loss contribution: sum of its target losses /
   // n_targets_step (the number of target tokens of the whole optimizer step;
   // <= 0 means this batch's own count). Keeps what backward needs.
-  double forward(const LlamaBatch& batch, int64_t n_targets_step = 0);
+  double forward(const LlamaBatch& batch, int64_t n_targets_step = 0) override;
   // Accumulates (+=) the LoRA gradients of the last forward's loss.
-  void backward();
+  void backward() override;
   // logits (B*T, V) of a batch (no loss; for tests and references).
   void logits(float* out, const LlamaBatch& batch);
 
-  int64_t last_num_targets() const { return n_targets_; }
+  int64_t last_num_targets() const override { return n_targets_; }
   // Forward passes so far: it seeds the LoRA dropout masks, so a resumed run
   // restores it to continue with the same masks.
-  uint64_t forward_count() const { return step_; }
-  void set_forward_count(uint64_t n) { step_ = n; }
+  uint64_t forward_count() const override { return step_; }
+  void set_forward_count(uint64_t n) override { step_ = n; }
   // Evaluation: no LoRA dropout, and forward_count() does not advance (so
   // evaluating never changes the masks of later training steps).
-  void set_training(bool training) { training_ = training; }
-  bool training() const { return training_; }
+  void set_training(bool training) override { training_ = training; }
+  bool training() const override { return training_; }
   size_t activation_bytes() const { return acts_.capacity(); }
 
  private:

@@ -11,7 +11,7 @@
 
 namespace qlora {
 
-EvalResult evaluate_rows(LlamaModel& model, const std::vector<PackedRow>& rows, int64_t micro_batch) {
+EvalResult evaluate_rows(TrainableModel& model, const std::vector<PackedRow>& rows, int64_t micro_batch) {
   if (rows.empty()) fail("evaluation: no rows to evaluate");
   if (micro_batch <= 0) fail("evaluation: micro-batch must be positive, got ", micro_batch);
   const int64_t B = std::min<int64_t>(micro_batch, int64_t(rows.size()));
@@ -19,14 +19,14 @@ EvalResult evaluate_rows(LlamaModel& model, const std::vector<PackedRow>& rows, 
   return evaluate_rows(model, rows, buffer, B);
 }
 
-EvalResult evaluate_rows(LlamaModel& model, const std::vector<PackedRow>& rows, BatchBuffer& buffer,
+EvalResult evaluate_rows(TrainableModel& model, const std::vector<PackedRow>& rows, BatchBuffer& buffer,
                          int64_t micro_batch) {
   if (rows.empty()) fail("evaluation: no rows to evaluate");
   if (micro_batch <= 0) fail("evaluation: micro-batch must be positive, got ", micro_batch);
   // Evaluation mode (no LoRA dropout, dropout masks of later training steps
   // untouched), restored however this returns (an error in a batch included).
   struct EvalMode {
-    LlamaModel& m;
+    TrainableModel& m;
     bool was_training;
     ~EvalMode() { m.set_training(was_training); }
   } mode{model, model.training()};

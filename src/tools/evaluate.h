@@ -34,8 +34,8 @@ struct EvalResult {
 // evaluation mode (LlamaModel::set_training(false): no LoRA dropout, and the
 // forward count that seeds the masks of later training steps does not move),
 // then restores its mode. A set without any target token is an error.
-EvalResult evaluate_rows(LlamaModel& model, const std::vector<PackedRow>& rows, int64_t micro_batch);
-EvalResult evaluate_rows(LlamaModel& model, const std::vector<PackedRow>& rows, BatchBuffer& buffer,
+EvalResult evaluate_rows(TrainableModel& model, const std::vector<PackedRow>& rows, int64_t micro_batch);
+EvalResult evaluate_rows(TrainableModel& model, const std::vector<PackedRow>& rows, BatchBuffer& buffer,
                          int64_t micro_batch);
 
 struct EvalOptions {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.h"
@@ -11,8 +12,10 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/tensor_table.h"
+#include "plan/cuda_constants.h"
 #include "quant/bnb_layout.h"
 #include "tools/model_folder.h"
+#include "tools/quantize_gpu.h"
 
 namespace qlora {
 
@@ -23,6 +26,9 @@ namespace {
 // Values converted per step: 16M floats = 64 MiB of scratch, a multiple of
 // every block size, so quantization blocks never straddle chunks.
 constexpr int64_t kChunk = int64_t(1) << 24;
+// The GPU path cuts tensors the same way (not needed for equal bytes, any
+// multiple of the block would do, but the staging is planned with this size).
+static_assert(kChunk == kGpuQuantizeChunk && kChunk == int64_t(plan_cuda::kQuantStreamValues));
 // The quant state JSON is about 200 bytes; its exact length is known only
 // after quantizing (the offset's digits), so planning assumes this bound.
 constexpr int64_t kMaxStateBytes = 999;
@@ -102,7 +108,9 @@ class ShardWriter {
   uint64_t reserved_ = 0;
 };
 
-void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptions& opt, std::vector<float>& buf,
+// gpu: null for the CPU path.
+void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptions& opt,
+                     std::vector<float>& buf, GpuQuantizer* gpu,
                      const std::function<void(uint64_t)>& progressed) {
   const auto src = t.src->file->data(*t.src->info);
   const DType dt = t.src->info->dtype;
@@ -112,15 +120,23 @@ void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptio
   q.block = opt.block;
   q.shape = t.slot->shape;
   q.absmax.resize(size_t(quant4_num_blocks(n, opt.block)));
-  std::vector<uint8_t> codes;
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t len = std::min(kChunk, n - c);
-    tensor_range_to_f32(src, dt, c, c + len, buf.data());
-    t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
-    codes.resize(size_t(quant4_code_bytes(len)));
-    quantize4(buf.data(), len, opt.block, opt.type, codes.data(), q.absmax.data() + c / opt.block);
-    w.write(codes.data(), codes.size());
-    progressed(uint64_t(len) * dtype_size(dt));
+  if (gpu != nullptr) {
+    gpu->quantize({src, dt, n, t.src->file}, q.absmax.data(),
+                  [&](std::span<const uint8_t> codes, uint64_t in_bytes) {
+                    w.write(codes.data(), codes.size());
+                    progressed(in_bytes);
+                  });
+  } else {
+    std::vector<uint8_t> codes;
+    for (int64_t c = 0; c < n; c += kChunk) {
+      const int64_t len = std::min(kChunk, n - c);
+      tensor_range_to_f32(src, dt, c, c + len, buf.data());
+      t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
+      codes.resize(size_t(quant4_code_bytes(len)));
+      quantize4(buf.data(), len, opt.block, opt.type, codes.data(), q.absmax.data() + c / opt.block);
+      w.write(codes.data(), codes.size());
+      progressed(uint64_t(len) * dtype_size(dt));
+    }
   }
   if (opt.double_quant) {
     q.nested = double_quantize(q.absmax.data(), int64_t(q.absmax.size()));
@@ -158,6 +174,32 @@ void write_kept(ShardWriter& w, const PlannedTensor& t, std::vector<float>& buf,
     w.write(out.data(), out.size() * 2);
     progressed(uint64_t(len) * dtype_size(dt));
   }
+}
+
+// The GPU quantizer that opt.device asks for, or null for the CPU; fills the
+// device fields of rep. max_values: the largest tensor to quantize.
+std::unique_ptr<GpuQuantizer> open_quantize_device(const QuantizeOptions& opt, int64_t max_values,
+                                                   QuantizeReport& rep) {
+  rep.device = QuantDevice::cpu;
+  rep.device_name = "CPU";
+  if (opt.device == QuantDevice::cpu) return nullptr;
+  if (const auto why = gpu_quantize_unavailable_reason()) {
+    if (opt.device == QuantDevice::cuda) fail("--device cuda: ", *why);
+    return nullptr;  // automatic: the CPU writes the same bytes
+  }
+  std::unique_ptr<GpuQuantizer> gpu;
+  try {
+    gpu = std::make_unique<GpuQuantizer>(opt.type, opt.block, max_values);
+  } catch (const Error& e) {
+    if (opt.device == QuantDevice::cuda) fail("--device cuda: ", e.what());
+    // A usable GPU whose memory is taken (another job): quantizing still
+    // works on the CPU, which is what the default promises.
+    rep.device_note = str("GPU not used: ", e.what());
+    return nullptr;
+  }
+  rep.device = QuantDevice::cuda;
+  rep.device_name = gpu->device_name();
+  return gpu;
 }
 
 }  // namespace
@@ -220,6 +262,12 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
   // it) loses the copy: the table of a tied model has no lm_head.
   rep.shards = int64_t(shards.size());
 
+  int64_t largest_quantized = 0;
+  for (const TensorSlot& s : slots)
+    if (s.is_block_linear) largest_quantized = std::max(largest_quantized, shape_numel(s.shape));
+  // Before the output folder is touched: --device cuda without a GPU fails here.
+  const std::unique_ptr<GpuQuantizer> gpu = open_quantize_device(opt, largest_quantized, rep);
+
   AtomicDir out(output, opt.force);
   Progress bar("quantize", rep.input_bytes, "B", opt.progress);
   uint64_t done = 0;
@@ -247,7 +295,7 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
     for (const auto& n : state_names) weight_map[n] = fname;
     ShardWriter w(out.path() / fname, std::move(body), std::move(state_names), {{"format", "pt"}});
     for (const PlannedTensor& t : shards[si].tensors) {
-      if (t.quantize) write_quantized(w, t, opt, buf, progressed);
+      if (t.quantize) write_quantized(w, t, opt, buf, gpu.get(), progressed);
       else write_kept(w, t, buf, progressed);
     }
     rep.output_bytes += w.commit();

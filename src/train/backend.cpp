@@ -16,10 +16,7 @@ std::optional<std::string> cuda_backend_unavailable() {
 #endif
 }
 
-std::optional<std::string> cuda_training_unavailable() {
-  if (auto why = cuda_backend_unavailable()) return why;
-  return std::string("this version has the CUDA kernels but not yet the CUDA training loop");
-}
+std::optional<std::string> cuda_training_unavailable() { return cuda_backend_unavailable(); }
 
 BackendChoice choose_backend(std::string_view setting, const std::optional<std::string>& why_not) {
   BackendChoice c;

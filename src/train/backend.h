@@ -22,8 +22,7 @@ struct BackendChoice {
 // found (...)", "the NVIDIA driver is too old ...", ...).
 std::optional<std::string> cuda_backend_unavailable();
 
-// cuda_backend_unavailable(), or why `qlora run` cannot train on this GPU
-// yet: the CUDA ops exist, the CUDA training loop does not (issue 7).
+// Why `qlora run` cannot train on the GPU (today: cuda_backend_unavailable()).
 std::optional<std::string> cuda_training_unavailable();
 
 // setting: "auto", "cpu" or "cuda" (the recipe's device.backend). `why_not`

@@ -18,6 +18,7 @@
 #include "tools/merge_model.h"
 #include "train/batch.h"
 #include "train/checkpoint.h"
+#include "train/engine.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/peft_adapter.h"
@@ -148,17 +149,12 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
     }
   }
   Optimizer opt(planned.optimizer, lora.flat_size());
-  LlamaModel model(setup.weights, &lora, planned.micro_batch, planned.seq_len, llama_run_options(planned));
+  const std::unique_ptr<StepEngine> engine =
+      planned.backend == PlanBackend::cuda
+          ? make_cuda_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len, llama_run_options(planned))
+          : make_cpu_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len, llama_run_options(planned));
+  TrainableModel& model = engine->model();
   BatchBuffer batch(planned.micro_batch, planned.seq_len);
-  auto measured_arenas = [&] {
-    CpuArenas m;
-    m.weights = setup.weights.arena.capacity();
-    m.lora_params = lora.params_bytes();
-    m.lora_grads = lora.grads_bytes();
-    m.optimizer = opt.state_bytes();
-    m.activations = model.activation_bytes();
-    return m;
-  };
 
   StepPlan plan(train_rows.size(), r.train.micro_batch, r.train.grad_accum, r.train.seed);
   const int64_t total = r.train.max_steps > 0 ? r.train.max_steps : r.train.epochs * plan.steps_per_epoch();
@@ -176,6 +172,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   state.base_fingerprint = setup.fingerprint;
   if (setup.resume_from) {
     state = load_checkpoint(*setup.resume_from, lora, opt, cfg);
+    engine->push();
     model.set_forward_count(state.forward_count);
     sum.resumed = true;
     std::fprintf(out, "resuming from %s (step %lld of %lld)\n", setup.resume_from->string().c_str(),
@@ -207,6 +204,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
     state.cursor = plan.micro_batches_before(step);
     state.forward_count = model.forward_count();
     state.wall_seconds = wall_before + seconds_since(t_start);
+    engine->pull();
     const fs::path dir =
         save_checkpoint(setup.output_dir, state, lora, cfg, opt, setup.base_name, r.train.keep_checkpoints);
     line.message("checkpoint " + dir.string());
@@ -234,14 +232,14 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
         n_targets += row_target_count(row);
         tokens += row.doc_offsets.empty() ? 0 : row.doc_offsets.back();
       }
-    lora.zero_grad();
+    engine->zero_grad();
     double loss = 0;
     if (n_targets > 0)
       for (const auto& m : micros) {
         loss += model.forward(batch.fill(train_rows, order, m.first, m.count), n_targets);
         model.backward();
       }
-    const double norm = clip_grad_norm(lora.flat_grads(), lora.flat_size(), r.train.max_grad_norm);
+    const double norm = engine->clip_grad_norm(r.train.max_grad_norm);
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
       line.finish();
       write_run_report(setup, r, "", wall_before + seconds_since(t_start), step, total);
@@ -253,7 +251,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
                 : std::string("No checkpoint had been written yet."));
     }
     const double lr = lr_at(sc, step);
-    if (n_targets > 0) opt.step(lora.flat_params(), lora.flat_grads(), lr);
+    if (n_targets > 0) engine->optimizer_step(lr);
     state.tokens_seen += n_targets;
     state.last_loss = loss;
 
@@ -261,7 +259,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
     sum.last_loss = loss;
     const double dt = seconds_since(t0);
     const bool log_step = (step + 1) % r.logging.every == 0 || step + 1 == total;
-    const uint64_t mem = measured_arenas().total();
+    const uint64_t mem = engine->memory_bytes();
     if (log_step) {
       StepMetrics sm;
       sm.step = step + 1;
@@ -317,7 +315,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
     merge_model(setup.model_dir, sum.adapter_dir, setup.output_dir / "merged", mo);
     std::fprintf(out, "merged model: %s\n", (setup.output_dir / "merged").string().c_str());
   }
-  const std::string measured = plan_vs_measured_text(setup.plan, measured_arenas());
+  const std::string measured = engine->measured_text(setup.plan);
   std::fprintf(out, "%s", measured.c_str());
   write_run_report(setup, r, measured, wall_before + seconds_since(t_start), total, total);
   if (r.logging.report) std::fprintf(out, "report: %s\n", (setup.output_dir / "report.html").string().c_str());

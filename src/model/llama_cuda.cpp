@@ -1,0 +1,472 @@
+#include "model/llama_cuda.h"
+
+#if QLORA_HAVE_CUDA
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cstring>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "kernels/cuda/attention_cuda.h"
+#include "kernels/cuda/lora_cuda.h"
+#include "kernels/cuda/loss_cuda.h"
+#include "kernels/cuda/ops_cuda.h"
+#include "quant/blockwise.h"
+
+namespace qlora {
+
+namespace {
+
+using cuda_ops::CudaLinearWeight;
+
+// Views into one device buffer, 256-byte aligned. Laid out twice: once with
+// no buffer to measure, then for real, so the size is exact by construction.
+class DeviceArena {
+ public:
+  void allocate(size_t bytes) {
+    buf_ = DeviceBuffer<uint8_t>(bytes);
+    used_ = 0;
+  }
+  template <typename T>
+  T* take(int64_t n) {
+    const size_t off = (used_ + 255) & ~size_t(255);
+    used_ = off + size_t(n) * sizeof(T);
+    if (buf_.data() == nullptr) return nullptr;  // measuring
+    if (used_ > buf_.bytes()) fail("CudaLlamaModel: activation arena overflow (", used_, " > ", buf_.bytes(), ")");
+    return reinterpret_cast<T*>(buf_.data() + off);
+  }
+  size_t used() const { return used_; }
+  size_t capacity() const { return buf_.bytes(); }
+
+ private:
+  DeviceBuffer<uint8_t> buf_;
+  size_t used_ = 0;
+};
+
+// The frozen weights on the device, one buffer per tensor.
+class DeviceStore {
+ public:
+  template <typename T>
+  const T* put(const T* host, int64_t n) {
+    if (host == nullptr || n <= 0) return nullptr;
+    DeviceBuffer<uint8_t> b(size_t(n) * sizeof(T));
+    b.upload(reinterpret_cast<const uint8_t*>(host), b.size());
+    bytes_ += b.bytes();
+    bufs_.push_back(std::move(b));
+    return reinterpret_cast<const T*>(bufs_.back().data());
+  }
+  // fp32 host tensor -> bf16 on the device (rounded to nearest even).
+  const uint16_t* put_bf16(const float* host, int64_t n) {
+    if (host == nullptr || n <= 0) return nullptr;
+    std::vector<uint16_t> h(static_cast<size_t>(n));
+    for (size_t i = 0; i < h.size(); ++i) h[i] = f32_to_bf16(host[i]);
+    return put(h.data(), n);
+  }
+  CudaLinearWeight linear(const ops::LinearWeight& w) {
+    CudaLinearWeight d;
+    d.out = w.out;
+    d.in = w.in;
+    const int64_t n = w.out * w.in;
+    if (!w.quantized()) {
+      d.dense = put_bf16(w.dense, n);
+      return d;
+    }
+    d.codes = put(w.codes, quant4_code_bytes(n));
+    d.absmax = put(w.absmax, quant4_num_blocks(n, w.block));
+    d.block = w.block;
+    d.type = w.type;
+    return d;
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  std::vector<DeviceBuffer<uint8_t>> bufs_;
+  size_t bytes_ = 0;
+};
+
+struct Layer {
+  const uint16_t *attn_norm = nullptr, *mlp_norm = nullptr;
+  CudaLinearWeight lin[kNumLoraTargets];
+  const uint16_t* bias[kNumLoraTargets] = {};
+};
+
+// One layer's saved activations: bf16, with fp32 statistics.
+struct Acts {
+  uint16_t *ln1, *q, *k, *v, *att, *xmid, *ln2, *gate, *up, *act;
+  float *rstd1, *lse, *rstd2;
+  uint16_t* h[kNumLoraTargets];
+};
+
+struct Adapter {
+  int64_t off_a = -1, off_b = -1;  // into the flat arrays; -1: target off
+};
+
+}  // namespace
+
+struct CudaLlamaModel::Impl {
+  CudaContext& ctx;
+  ModelConfig cfg;
+  LlamaRunOptions opt;
+  LoraConfig lc;
+  bool has_lora = false;
+  int64_t max_B, max_T, max_N;
+  int64_t B = 0, T = 0, N = 0;
+  float grad_scale = 0.0f;
+  bool have_forward = false;
+
+  DeviceStore weights;
+  const uint16_t *embed = nullptr, *lm_head = nullptr, *final_norm = nullptr;
+  std::vector<Layer> layers;
+
+  DeviceBuffer<float> master, grads;
+  DeviceBuffer<uint16_t> params_bf16;
+  std::vector<std::array<Adapter, kNumLoraTargets>> adapters;
+
+  DeviceArena arena;
+  std::vector<Acts> acts;          // L sets, or 1 with checkpointing
+  std::vector<uint16_t*> resid;    // L+1 layer inputs (N,C)
+  uint16_t *lnf, *tmp, *xd, *out_scratch;
+  float *rstdf, *losses, *lse_ce, *cos_t, *sin_t;
+  int32_t *tokens, *targets, *pos, *doc_start, *bad;
+  float* dres;
+  uint16_t *dres_bf, *dtmp, *dln, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dh, *dxd;
+
+  std::vector<int32_t> h_pos, h_doc;
+  std::vector<float> h_losses;
+
+  Impl(CudaContext& c, const ModelConfig& m, LlamaRunOptions o, int64_t mb, int64_t mt)
+      : ctx(c), cfg(m), opt(o), max_B(mb), max_T(mt), max_N(mb * mt) {}
+
+  void layout() {
+    const int64_t Nn = max_N, C = cfg.hidden_size, I = cfg.intermediate_size, QD = cfg.q_dim(),
+                  KVD = cfg.kv_dim(), L = cfg.num_hidden_layers, H = cfg.num_attention_heads, D = cfg.head_dim;
+    const int64_t R = has_lora ? lc.rank : 0;
+    const int64_t wide = std::max({C, I, QD});
+    DeviceArena& a = arena;
+    auto bf = [&](int64_t n) { return a.take<uint16_t>(n); };
+    auto f = [&](int64_t n) { return a.take<float>(n); };
+    acts.assign(size_t(opt.checkpointing ? 1 : L), Acts{});
+    for (Acts& s : acts) {
+      s.ln1 = bf(Nn * C);
+      s.rstd1 = f(Nn);
+      s.q = bf(Nn * QD);
+      s.k = bf(Nn * KVD);
+      s.v = bf(Nn * KVD);
+      s.att = bf(Nn * QD);
+      s.lse = f(Nn * H);
+      s.xmid = bf(Nn * C);
+      s.ln2 = bf(Nn * C);
+      s.rstd2 = f(Nn);
+      s.gate = bf(Nn * I);
+      s.up = bf(Nn * I);
+      s.act = bf(Nn * I);
+      for (int t = 0; t < kNumLoraTargets; ++t) s.h[t] = has_lora && lc.targets[size_t(t)] ? bf(Nn * R) : nullptr;
+    }
+    resid.assign(size_t(L + 1), nullptr);
+    for (auto& r : resid) r = bf(Nn * C);
+    lnf = bf(Nn * C);
+    rstdf = f(Nn);
+    losses = f(Nn);
+    lse_ce = f(Nn);
+    tmp = bf(Nn * C);
+    out_scratch = bf(Nn * C);
+    xd = bf(Nn * wide);
+    cos_t = f(max_T * D / 2);
+    sin_t = f(max_T * D / 2);
+    tokens = a.take<int32_t>(Nn);
+    targets = a.take<int32_t>(Nn);
+    pos = a.take<int32_t>(Nn);
+    doc_start = a.take<int32_t>(Nn);
+    bad = a.take<int32_t>(2);
+    dres = f(Nn * C);
+    dres_bf = bf(Nn * C);
+    dtmp = bf(Nn * C);
+    dln = bf(Nn * C);
+    dq = bf(Nn * QD);
+    dk = bf(Nn * KVD);
+    dv = bf(Nn * KVD);
+    datt = bf(Nn * QD);
+    dgate = bf(Nn * I);
+    dup = bf(Nn * I);
+    dact = bf(Nn * I);
+    dh = bf(Nn * std::max<int64_t>(R, 1));
+    dxd = bf(Nn * wide);
+  }
+
+  const CudaLinearWeight& lin(int64_t l, LoraTarget t) const { return layers[size_t(l)].lin[int(t)]; }
+  bool adapted(int64_t l, LoraTarget t) const { return has_lora && adapters[size_t(l)][size_t(t)].off_a >= 0; }
+
+  // out (N,OUT) = inp W^T + bias + LoRA(inp)
+  void project(uint16_t* out, const uint16_t* inp, int64_t l, LoraTarget t, uint16_t* h, bool training,
+               uint64_t step) {
+    const CudaLinearWeight& w = lin(l, t);
+    cuda_ops::linear_forward(ctx, out, inp, w, layers[size_t(l)].bias[int(t)], N);
+    if (!adapted(l, t)) return;
+    const Adapter& ad = adapters[size_t(l)][size_t(t)];
+    const uint16_t* x = inp;
+    if (lc.dropout > 0.0 && training) {
+      cuda_ops::dropout_forward(xd, inp, N * w.in, float(lc.dropout), lora_dropout_seed(lc.seed, step, l, t),
+                                ctx.stream());
+      x = xd;
+    }
+    cuda_ops::lora_forward(ctx, out, h, x, params_bf16.data() + ad.off_a, params_bf16.data() + ad.off_b, lc.scale(),
+                           N, w.in, w.out, lc.rank);
+  }
+
+  // dinp (N,IN) = (or +=) dout W + the LoRA branch's input gradient.
+  void project_backward(uint16_t* dinp, bool accumulate, const uint16_t* dout, const uint16_t* inp, int64_t l,
+                        LoraTarget t, const uint16_t* h, bool training, uint64_t step) {
+    const CudaLinearWeight& w = lin(l, t);
+    cuda_ops::linear_backward(ctx, dinp, dout, w, N, accumulate);
+    if (!adapted(l, t)) return;
+    const Adapter& ad = adapters[size_t(l)][size_t(t)];
+    const uint16_t *A = params_bf16.data() + ad.off_a, *Bm = params_bf16.data() + ad.off_b;
+    float *dA = grads.data() + ad.off_a, *dB = grads.data() + ad.off_b;
+    const float scale = lc.scale();
+    if (lc.dropout > 0.0 && training) {
+      // The same counter-based mask as forward, recomputed rather than kept.
+      const uint64_t seed = lora_dropout_seed(lc.seed, step, l, t);
+      cuda_ops::dropout_forward(xd, inp, N * w.in, float(lc.dropout), seed, ctx.stream());
+      QLORA_CUDA_CHECK(cudaMemsetAsync(dxd, 0, size_t(N * w.in) * sizeof(uint16_t), ctx.stream()));
+      cuda_ops::lora_backward(ctx, dxd, dA, dB, dh, dout, h, xd, A, Bm, scale, N, w.in, w.out, lc.rank);
+      cuda_ops::dropout_backward_accumulate(dinp, dxd, N * w.in, float(lc.dropout), seed, ctx.stream());
+    } else {
+      cuda_ops::lora_backward(ctx, dinp, dA, dB, dh, dout, h, inp, A, Bm, scale, N, w.in, w.out, lc.rank);
+    }
+  }
+
+  void layer_forward(int64_t l, const uint16_t* x, uint16_t* y, Acts& s, bool training, uint64_t step) {
+    const Layer& W = layers[size_t(l)];
+    const int64_t C = cfg.hidden_size, I = cfg.intermediate_size, H = cfg.num_attention_heads,
+                  KVH = cfg.num_key_value_heads, D = cfg.head_dim;
+    const float eps = float(cfg.rms_norm_eps);
+    cudaStream_t st = ctx.stream();
+    cuda_ops::rmsnorm_forward(s.ln1, s.rstd1, x, W.attn_norm, N, C, eps, st);
+    project(s.q, s.ln1, l, LoraTarget::Q, s.h[int(LoraTarget::Q)], training, step);
+    project(s.k, s.ln1, l, LoraTarget::K, s.h[int(LoraTarget::K)], training, step);
+    project(s.v, s.ln1, l, LoraTarget::V, s.h[int(LoraTarget::V)], training, step);
+    cuda_ops::rope_forward(s.q, pos, cos_t, sin_t, N, H, D, st);
+    cuda_ops::rope_forward(s.k, pos, cos_t, sin_t, N, KVH, D, st);
+    cuda_ops::attention_forward(ctx, s.att, s.lse, s.q, s.k, s.v, doc_start, B, T, H, KVH, D);
+    project(tmp, s.att, l, LoraTarget::O, s.h[int(LoraTarget::O)], training, step);
+    cuda_ops::residual_forward(s.xmid, x, tmp, N * C, st);
+    cuda_ops::rmsnorm_forward(s.ln2, s.rstd2, s.xmid, W.mlp_norm, N, C, eps, st);
+    project(s.gate, s.ln2, l, LoraTarget::Gate, s.h[int(LoraTarget::Gate)], training, step);
+    project(s.up, s.ln2, l, LoraTarget::Up, s.h[int(LoraTarget::Up)], training, step);
+    cuda_ops::swiglu_forward(s.act, s.gate, s.up, N * I, st);
+    project(tmp, s.act, l, LoraTarget::Down, s.h[int(LoraTarget::Down)], training, step);
+    cuda_ops::residual_forward(y, s.xmid, tmp, N * C, st);
+  }
+
+  // On entry dres = dL/dy (fp32); on exit dres = dL/dx.
+  void layer_backward(int64_t l, const uint16_t* x, Acts& s, bool training, uint64_t step) {
+    const Layer& W = layers[size_t(l)];
+    const int64_t C = cfg.hidden_size, I = cfg.intermediate_size, H = cfg.num_attention_heads,
+                  KVH = cfg.num_key_value_heads, D = cfg.head_dim;
+    cudaStream_t st = ctx.stream();
+    auto h = [&](LoraTarget t) { return s.h[int(t)]; };
+    cuda_ops::round_to_bf16(dres_bf, dres, N * C, st);
+    project_backward(dact, false, dres_bf, s.act, l, LoraTarget::Down, h(LoraTarget::Down), training, step);
+    cuda_ops::swiglu_backward(dgate, dup, dact, s.gate, s.up, N * I, st);
+    project_backward(dln, false, dgate, s.ln2, l, LoraTarget::Gate, h(LoraTarget::Gate), training, step);
+    project_backward(dln, true, dup, s.ln2, l, LoraTarget::Up, h(LoraTarget::Up), training, step);
+    cuda_ops::rmsnorm_backward(dtmp, dln, s.xmid, W.mlp_norm, s.rstd2, N, C, st);
+    cuda_ops::add_bf16_to_f32(dres, dtmp, N * C, st);  // dres = dL/dxmid
+    cuda_ops::round_to_bf16(dres_bf, dres, N * C, st);
+    project_backward(datt, false, dres_bf, s.att, l, LoraTarget::O, h(LoraTarget::O), training, step);
+    cuda_ops::attention_backward(ctx, dq, dk, dv, datt, s.att, s.lse, s.q, s.k, s.v, doc_start, B, T, H, KVH, D);
+    cuda_ops::rope_backward(dq, pos, cos_t, sin_t, N, H, D, st);
+    cuda_ops::rope_backward(dk, pos, cos_t, sin_t, N, KVH, D, st);
+    project_backward(dln, false, dq, s.ln1, l, LoraTarget::Q, h(LoraTarget::Q), training, step);
+    project_backward(dln, true, dk, s.ln1, l, LoraTarget::K, h(LoraTarget::K), training, step);
+    project_backward(dln, true, dv, s.ln1, l, LoraTarget::V, h(LoraTarget::V), training, step);
+    cuda_ops::rmsnorm_backward(dtmp, dln, x, W.attn_norm, s.rstd1, N, C, st);
+    cuda_ops::add_bf16_to_f32(dres, dtmp, N * C, st);
+  }
+
+  Acts& acts_of(int64_t l) { return opt.checkpointing ? acts[0] : acts[size_t(l)]; }
+};
+
+CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const LoraWeights* lora, int64_t max_B,
+                               int64_t max_T, LlamaRunOptions opt)
+    : impl_(std::make_unique<Impl>(ctx, w.cfg, opt, max_B, max_T)) {
+  Impl& m = *impl_;
+  const ModelConfig& cfg = w.cfg;
+  if (max_B <= 0 || max_T <= 0) fail("batch shape must be positive, got B=", max_B, " T=", max_T);
+  if (max_T > cfg.max_position_embeddings)
+    fail("sequence length ", max_T, " exceeds the model's max_position_embeddings ", cfg.max_position_embeddings);
+  const int64_t C = cfg.hidden_size, V = cfg.vocab_size, L = cfg.num_hidden_layers, D = cfg.head_dim;
+
+  // Base weights.
+  m.embed = m.weights.put_bf16(w.embed, V * C);
+  m.lm_head = w.lm_head == w.embed ? m.embed : m.weights.put_bf16(w.lm_head, V * C);
+  m.final_norm = m.weights.put_bf16(w.final_norm, C);
+  m.layers.resize(size_t(L));
+  for (int64_t l = 0; l < L; ++l) {
+    const LlamaLayerWeights& hw = w.layers[size_t(l)];
+    Layer& d = m.layers[size_t(l)];
+    d.attn_norm = m.weights.put_bf16(hw.attn_norm, C);
+    d.mlp_norm = m.weights.put_bf16(hw.mlp_norm, C);
+    const ops::LinearWeight* lins[kNumLoraTargets] = {&hw.q, &hw.k, &hw.v, &hw.o, &hw.gate, &hw.up, &hw.down};
+    const float* biases[kNumLoraTargets] = {hw.q_bias,    hw.k_bias,  hw.v_bias,   hw.o_bias,
+                                            hw.gate_bias, hw.up_bias, hw.down_bias};
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      d.lin[t] = m.weights.linear(*lins[t]);
+      d.bias[t] = m.weights.put_bf16(biases[t], lins[t]->out);
+    }
+  }
+
+  // LoRA: the flat arrays in LoraWeights' layout.
+  if (lora != nullptr) {
+    m.has_lora = true;
+    m.lc = lora->config();
+    lora_n_ = int64_t(lora->flat_size());
+    m.master = DeviceBuffer<float>(size_t(lora_n_));
+    m.grads = DeviceBuffer<float>(size_t(lora_n_));
+    m.params_bf16 = DeviceBuffer<uint16_t>(size_t(lora_n_));
+    master_ = m.master.data();
+    grads_ = m.grads.data();
+    params_bf16_ = m.params_bf16.data();
+    m.adapters.assign(size_t(L), {});
+    for (int64_t l = 0; l < L; ++l)
+      for (int t = 0; t < kNumLoraTargets; ++t)
+        if (lora->has(LoraTarget(t))) {
+          m.adapters[size_t(l)][size_t(t)].off_a = lora->A(l, LoraTarget(t)) - lora->flat_params();
+          m.adapters[size_t(l)][size_t(t)].off_b = lora->B(l, LoraTarget(t)) - lora->flat_params();
+        }
+    upload_lora(lora->flat_params());
+    zero_grad();
+  }
+
+  // Activations: measure, allocate, lay out.
+  m.layout();
+  m.arena.allocate(m.arena.used());
+  m.layout();
+
+  // RoPE tables for positions 0..max_T-1, computed as the CPU model does.
+  std::vector<float> inv(size_t(D / 2)), cos_h(size_t(max_T * D / 2)), sin_h(cos_h.size());
+  ops::rope_inv_freq(inv.data(), rope_params(cfg), D);
+  ops::rope_tables(cos_h.data(), sin_h.data(), inv.data(), max_T, D);
+  QLORA_CUDA_CHECK(cudaMemcpy(m.cos_t, cos_h.data(), cos_h.size() * sizeof(float), cudaMemcpyHostToDevice));
+  QLORA_CUDA_CHECK(cudaMemcpy(m.sin_t, sin_h.data(), sin_h.size() * sizeof(float), cudaMemcpyHostToDevice));
+
+  // The op workspace at its largest need, so no step allocates.
+  const int64_t N = m.max_N;
+  size_t ws = cuda_ops::attention_backward_workspace_bytes(max_B, max_T, cfg.num_attention_heads, D);
+  ws = std::max(ws, cuda_ops::lm_head_ce_workspace_bytes(opt.ce, N, C, V));
+  for (const Layer& d : m.layers)
+    for (const CudaLinearWeight& lw : d.lin) ws = std::max(ws, cuda_ops::linear_workspace_bytes(lw, N));
+  ctx.workspace(ws);
+  m.h_pos.resize(size_t(N));
+  m.h_doc.resize(size_t(N));
+  m.h_losses.resize(size_t(N));
+}
+
+CudaLlamaModel::~CudaLlamaModel() = default;
+
+void CudaLlamaModel::zero_grad() {
+  if (lora_n_ > 0)
+    QLORA_CUDA_CHECK(cudaMemsetAsync(grads_, 0, size_t(lora_n_) * sizeof(float), impl_->ctx.stream()));
+}
+
+void CudaLlamaModel::upload_lora(const float* host) {
+  if (lora_n_ == 0) return;
+  CudaContext& ctx = impl_->ctx;
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));
+  impl_->master.upload(host, size_t(lora_n_));
+  cuda_ops::round_to_bf16(params_bf16_, master_, lora_n_, ctx.stream());
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));
+}
+
+void CudaLlamaModel::download_lora(float* host) const {
+  if (lora_n_ == 0) return;
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(impl_->ctx.stream()));
+  impl_->master.download(host, size_t(lora_n_));
+}
+
+void CudaLlamaModel::download_grads(float* host) const {
+  if (lora_n_ == 0) return;
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(impl_->ctx.stream()));
+  impl_->grads.download(host, size_t(lora_n_));
+}
+
+size_t CudaLlamaModel::device_bytes() const {
+  const size_t lora = size_t(lora_n_) * (2 * sizeof(float) + sizeof(uint16_t));
+  return impl_->weights.bytes() + lora + impl_->arena.capacity() + impl_->ctx.workspace_bytes();
+}
+
+double CudaLlamaModel::forward(const LlamaBatch& b, int64_t n_targets_step) {
+  Impl& m = *impl_;
+  if (b.B <= 0 || b.T <= 0 || b.B > m.max_B || b.T > m.max_T)
+    fail("batch ", b.B, "x", b.T, " does not fit the model's reserved ", m.max_B, "x", m.max_T);
+  m.B = b.B;
+  m.T = b.T;
+  m.N = b.B * b.T;
+  const int64_t N = m.N, C = m.cfg.hidden_size, L = m.cfg.num_hidden_layers, V = m.cfg.vocab_size;
+  batch_positions(b, m.h_pos.data(), m.h_doc.data());
+  cudaStream_t st = m.ctx.stream();
+  const size_t ids = size_t(N) * sizeof(int32_t);
+  // Pageable sources: each copy has read its source when the call returns.
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.tokens, b.tokens, ids, cudaMemcpyHostToDevice, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.targets, b.targets, ids, cudaMemcpyHostToDevice, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.pos, m.h_pos.data(), ids, cudaMemcpyHostToDevice, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.doc_start, m.h_doc.data(), ids, cudaMemcpyHostToDevice, st));
+  const int32_t none[2] = {INT32_MAX, INT32_MAX};
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.bad, none, sizeof(none), cudaMemcpyHostToDevice, st));
+
+  if (training_) ++step_;
+  cuda_ops::embedding_forward(m.resid[0], m.tokens, m.embed, N, C, V, m.bad, st);
+  for (int64_t l = 0; l < L; ++l)
+    m.layer_forward(l, m.resid[size_t(l)], m.resid[size_t(l + 1)], m.acts_of(l), training_, step_);
+  cuda_ops::rmsnorm_forward(m.lnf, m.rstdf, m.resid[size_t(L)], m.final_norm, N, C, float(m.cfg.rms_norm_eps), st);
+  cuda_ops::lm_head_cross_entropy_forward(m.ctx, m.losses, m.lse_ce, m.lnf, m.lm_head, m.targets, m.opt.ce, N, C, V,
+                                          m.bad + 1);
+  int32_t first_bad[2] = {0, 0};
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.h_losses.data(), m.losses, size_t(N) * sizeof(float), cudaMemcpyDeviceToHost,
+                                   st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(first_bad, m.bad, sizeof(first_bad), cudaMemcpyDeviceToHost, st));
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(st));
+  if (first_bad[0] != INT32_MAX)
+    fail("token id ", b.tokens[first_bad[0]], " at position ", first_bad[0], " is outside the vocabulary [0, ", V,
+         ")");
+  if (first_bad[1] != INT32_MAX)
+    fail("target id ", b.targets[first_bad[1]], " at position ", first_bad[1], " is outside the vocabulary [0, ", V,
+         ") and is not ", ops::kIgnoreIndex);
+
+  double sum = 0;
+  n_targets_ = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    sum += double(m.h_losses[size_t(i)]);
+    n_targets_ += b.targets[i] != ops::kIgnoreIndex;
+  }
+  const int64_t denom = n_targets_step > 0 ? n_targets_step : std::max<int64_t>(n_targets_, 1);
+  m.grad_scale = float(1.0 / double(denom));
+  m.have_forward = true;
+  return sum / double(denom);
+}
+
+void CudaLlamaModel::backward() {
+  Impl& m = *impl_;
+  if (!m.have_forward) fail("CudaLlamaModel::backward called before forward");
+  const int64_t N = m.N, C = m.cfg.hidden_size, L = m.cfg.num_hidden_layers, V = m.cfg.vocab_size;
+  cudaStream_t st = m.ctx.stream();
+  cuda_ops::lm_head_cross_entropy_backward(m.ctx, m.dtmp, m.lnf, m.lm_head, m.lse_ce, m.targets, m.grad_scale,
+                                           m.opt.ce, N, C, V);
+  cuda_ops::rmsnorm_backward(m.dln, m.dtmp, m.resid[size_t(L)], m.final_norm, m.rstdf, N, C, st);
+  QLORA_CUDA_CHECK(cudaMemsetAsync(m.dres, 0, size_t(N * C) * sizeof(float), st));
+  cuda_ops::add_bf16_to_f32(m.dres, m.dln, N * C, st);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    Acts& s = m.acts_of(l);
+    // Checkpointing: rebuild this layer's activations from its kept input.
+    if (m.opt.checkpointing) m.layer_forward(l, m.resid[size_t(l)], m.out_scratch, s, training_, step_);
+    m.layer_backward(l, m.resid[size_t(l)], s, training_, step_);
+  }
+  // Errors of the queued kernels surface here, with the step that made them.
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(st));
+}
+
+}  // namespace qlora
+
+#endif  // QLORA_HAVE_CUDA

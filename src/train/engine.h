@@ -1,0 +1,47 @@
+// Where a run's model, LoRA parameters and optimizer state live and are
+// updated: the trainer's step loop calls these, whichever backend computes.
+// The host LoraWeights and Optimizer stay the run's canonical copies for
+// checkpoints, adapters and samples: a device engine copies into them
+// (pull) before those are written, and from them (push) after a resume.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "model/llama.h"
+#include "model/lora.h"
+#include "model/trainable.h"
+#include "model/weights.h"
+#include "plan/plan.h"
+#include "train/optimizer.h"
+
+namespace qlora {
+
+class StepEngine {
+ public:
+  virtual ~StepEngine() = default;
+  virtual TrainableModel& model() = 0;
+  virtual void zero_grad() = 0;
+  // Global L2 norm of the gradients, clipped as torch's clip_grad_norm_ does.
+  virtual double clip_grad_norm(double max_norm) = 0;
+  virtual void optimizer_step(double lr) = 0;
+  // Device -> host LoraWeights/Optimizer (no-op on the CPU).
+  virtual void pull() = 0;
+  // Host -> device (no-op on the CPU).
+  virtual void push() = 0;
+  // Bytes the run holds now, for the progress line and the metrics.
+  virtual uint64_t memory_bytes() const = 0;
+  // Planned against measured memory, for the end of the run and the report.
+  virtual std::string measured_text(const MemoryPlan& plan) const = 0;
+};
+
+// The fp32 reference: LlamaModel on lora's and opt's own host arrays.
+std::unique_ptr<StepEngine> make_cpu_engine(const LlamaWeights& w, LoraWeights& lora, Optimizer& opt,
+                                            int64_t max_B, int64_t max_T, LlamaRunOptions run);
+// CudaLlamaModel + the fused optimizer (paged when opt is paged_adamw) on
+// device 0. Throws qlora::Error in builds without CUDA.
+std::unique_ptr<StepEngine> make_cuda_engine(const LlamaWeights& w, LoraWeights& lora, Optimizer& opt,
+                                             int64_t max_B, int64_t max_T, LlamaRunOptions run);
+
+}  // namespace qlora
