@@ -83,21 +83,22 @@ struct AttentionCase {
 
 std::vector<AttentionCase> attention_cases() {
   return {
-      {1, 1, 1, 1, 8, {}, 1.0f},                  // one token
-      {2, 7, 2, 1, 16, {3, 1, 3}, 1.0f},          // GQA 2, a document of length 1
-      {1, 65, 4, 1, 64, {}, 1.0f},                // GQA 4, one past a 64-row tile
-      {2, 65, 4, 2, 8, {1, 20, 44}, 1.0f},        // row 0 starts with a 1-token document
-      {1, 200, 8, 1, 16, {50, 1, 100, 49}, 1.0f}, // H = 8 KVH
-      {2, 200, 2, 2, 128, {70, 1, 129}, 1.0f},    // GQA 1, D = 128
-      {1, 200, 4, 1, 64, {130, 70}, 4.0f},        // scores ~4: the running maximum moves across tiles
-      {1, 65, 2, 1, 256, {33, 1, 31}, 1.0f},      // the largest head-dim bucket
-      {2, 33, 4, 4, 40, {10, 23}, 1.0f},          // D inside a bucket (padded to 64)
+      {1, 1, 1, 1, 8, {}, 1.0f},                   // one token
+      {2, 7, 2, 1, 16, {3, 1, 3}, 1.0f},           // GQA 2, a document of length 1
+      {1, 65, 4, 1, 64, {}, 1.0f},                 // GQA 4, one past a 64-row tile
+      {2, 65, 4, 2, 8, {1, 20, 44}, 1.0f},         // row 0 starts with a 1-token document
+      {1, 200, 8, 1, 16, {50, 1, 100, 49}, 1.0f},  // H = 8 KVH
+      {2, 200, 2, 2, 128, {70, 1, 129}, 1.0f},     // GQA 1, D = 128
+      {1, 200, 4, 1, 64, {130, 70}, 4.0f},         // scores ~4: the running maximum moves across tiles
+      {1, 65, 2, 1, 256, {33, 1, 31}, 1.0f},       // the largest head-dim bucket
+      {2, 33, 4, 4, 40, {10, 23}, 1.0f},           // D inside a bucket (padded to 64)
   };
 }
 
 std::string describe(const AttentionCase& c) {
   std::ostringstream os;
-  os << "attention B " << c.B << " T " << c.T << " H " << c.H << " KVH " << c.KVH << " D " << c.D << " docs {";
+  os << "attention B " << c.B << " T " << c.T << " H " << c.H << " KVH " << c.KVH << " D " << c.D
+     << " docs {";
   for (size_t i = 0; i < c.docs.size(); ++i) os << (i ? "," : "") << c.docs[i];
   os << "} q_sigma " << c.q_sigma;
   return os.str();
@@ -122,11 +123,11 @@ std::vector<int32_t> doc_starts(const AttentionCase& c) {
 
 // A case's inputs (bf16-representable) and the CPU op's results.
 struct AttentionRun {
-  std::vector<float> q, k, v, dout;  // (B,T,H,D), (B,T,KVH,D) x2, (B,T,H,D)
-  std::vector<int32_t> doc;          // (B,T)
-  std::vector<float> out, lse;       // CPU forward: (B,T,H,D), (B,H,T)
-  std::vector<float> dq, dk, dv;     // CPU backward from the fp32 out
-  std::vector<float> out_bf16;       // out rounded to bf16: the GPU backward's input
+  std::vector<float> q, k, v, dout;     // (B,T,H,D), (B,T,KVH,D) x2, (B,T,H,D)
+  std::vector<int32_t> doc;             // (B,T)
+  std::vector<float> out, lse;          // CPU forward: (B,T,H,D), (B,H,T)
+  std::vector<float> dq, dk, dv;        // CPU backward from the fp32 out
+  std::vector<float> out_bf16;          // out rounded to bf16: the GPU backward's input
   std::vector<float> dq_r, dk_r, dv_r;  // CPU backward from out_bf16: the GPU backward's reference
 };
 
@@ -146,15 +147,15 @@ AttentionRun attention_cpu(const AttentionCase& c) {
   r.doc = doc_starts(c);
   r.out.resize(sz(nq));
   r.lse.resize(sz(c.B * c.H * c.T));
-  ops::attention_forward(r.out.data(), r.lse.data(), r.q.data(), r.k.data(), r.v.data(), r.doc.data(), c.B, c.T,
-                         c.H, c.KVH, c.D);
+  ops::attention_forward(r.out.data(), r.lse.data(), r.q.data(), r.k.data(), r.v.data(), r.doc.data(), c.B,
+                         c.T, c.H, c.KVH, c.D);
   auto backward = [&](const std::vector<float>& out, std::vector<float>& dq, std::vector<float>& dk,
                       std::vector<float>& dv) {
     dq.assign(sz(nq), 0.0f);
     dk.assign(sz(nkv), 0.0f);
     dv.assign(sz(nkv), 0.0f);
-    ops::attention_backward(dq.data(), dk.data(), dv.data(), r.dout.data(), out.data(), r.lse.data(), r.q.data(),
-                            r.k.data(), r.v.data(), r.doc.data(), c.B, c.T, c.H, c.KVH, c.D);
+    ops::attention_backward(dq.data(), dk.data(), dv.data(), r.dout.data(), out.data(), r.lse.data(),
+                            r.q.data(), r.k.data(), r.v.data(), r.doc.data(), c.B, c.T, c.H, c.KVH, c.D);
   };
   backward(r.out, r.dq, r.dk, r.dv);
   r.out_bf16 = rounded_to_bf16(r.out);
@@ -238,8 +239,9 @@ std::vector<double> widened(const std::vector<float>& v) {
 }
 
 // |got - want| <= rel |want| + slack terms[i] for every i, and got finite.
-::testing::AssertionResult close_to(const char* what, const std::vector<float>& got, const std::vector<double>& want,
-                                    double rel, double slack, const std::vector<double>& terms) {
+::testing::AssertionResult close_to(const char* what, const std::vector<float>& got,
+                                    const std::vector<double>& want, double rel, double slack,
+                                    const std::vector<double>& terms) {
   if (got.size() != want.size() || terms.size() != want.size())
     return ::testing::AssertionFailure() << what << ": sizes differ: " << got.size() << " vs " << want.size();
   for (size_t i = 0; i < got.size(); ++i) {
@@ -357,7 +359,8 @@ const char* tiles_name(cuda_ops::AttentionTiles t) {
   return t == cuda_ops::AttentionTiles::Auto ? " tiles auto" : " tiles small";
 }
 
-constexpr cuda_ops::AttentionTiles kBothTiles[] = {cuda_ops::AttentionTiles::Auto, cuda_ops::AttentionTiles::Small};
+constexpr cuda_ops::AttentionTiles kBothTiles[] = {cuda_ops::AttentionTiles::Auto,
+                                                   cuda_ops::AttentionTiles::Small};
 
 // The uploads and the poisoning run on the legacy default stream, the kernels
 // on ctx.stream() (non-blocking): synchronize the device between them.
@@ -415,8 +418,8 @@ TEST(CudaAttention, BackwardMatchesCpuWithinBf16AndIsDeterministic) {
         QLORA_CUDA_CHECK(cudaMemset(ctx.workspace(ws), 0xff, ws));  // delta must be written before it is read
         QLORA_CUDA_CHECK(cudaDeviceSynchronize());
         cuda_ops::attention_backward(ctx, d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(), d_out.data(),
-                                     d_lse.data(), d_q.data(), d_k.data(), d_v.data(), d_doc.data(), c.B, c.T, c.H,
-                                     c.KVH, c.D, tiles);
+                                     d_lse.data(), d_q.data(), d_k.data(), d_v.data(), d_doc.data(), c.B, c.T,
+                                     c.H, c.KVH, c.D, tiles);
         ctx.synchronize();
         const auto dq = download_bf16(d_dq), dk = download_bf16(d_dk), dv = download_bf16(d_dv);
         if (run == 0) {
@@ -452,11 +455,11 @@ TEST(CudaAttention, BackwardFromGpuForwardMatchesCpu) {
     auto d_dk = poisoned<uint16_t>(r.dk.size());
     auto d_dv = poisoned<uint16_t>(r.dv.size());
     QLORA_CUDA_CHECK(cudaDeviceSynchronize());
-    cuda_ops::attention_forward(ctx, d_out.data(), d_lse.data(), d_q.data(), d_k.data(), d_v.data(), d_doc.data(),
-                                c.B, c.T, c.H, c.KVH, c.D);
+    cuda_ops::attention_forward(ctx, d_out.data(), d_lse.data(), d_q.data(), d_k.data(), d_v.data(),
+                                d_doc.data(), c.B, c.T, c.H, c.KVH, c.D);
     cuda_ops::attention_backward(ctx, d_dq.data(), d_dk.data(), d_dv.data(), d_dout.data(), d_out.data(),
-                                 d_lse.data(), d_q.data(), d_k.data(), d_v.data(), d_doc.data(), c.B, c.T, c.H,
-                                 c.KVH, c.D);
+                                 d_lse.data(), d_q.data(), d_k.data(), d_v.data(), d_doc.data(), c.B, c.T,
+                                 c.H, c.KVH, c.D);
     ctx.synchronize();
     AttentionRun g = r;
     g.out_bf16 = download_bf16(d_out);
@@ -465,9 +468,12 @@ TEST(CudaAttention, BackwardFromGpuForwardMatchesCpu) {
     ops::attention_backward(dq.data(), dk.data(), dv.data(), r.dout.data(), g.out_bf16.data(), gpu_lse.data(),
                             r.q.data(), r.k.data(), r.v.data(), r.doc.data(), c.B, c.T, c.H, c.KVH, c.D);
     const ExactAttention e = exact_attention(c, g);  // delta's terms from the GPU's out
-    EXPECT_TRUE(close_to("dq", download_bf16(d_dq), widened(dq), kBf16Rounding, kFp32Slack, e.dq_terms)) << what;
-    EXPECT_TRUE(close_to("dk", download_bf16(d_dk), widened(dk), kBf16Rounding, kFp32Slack, e.dk_terms)) << what;
-    EXPECT_TRUE(close_to("dv", download_bf16(d_dv), widened(dv), kBf16Rounding, kFp32Slack, e.dv_terms)) << what;
+    EXPECT_TRUE(close_to("dq", download_bf16(d_dq), widened(dq), kBf16Rounding, kFp32Slack, e.dq_terms))
+        << what;
+    EXPECT_TRUE(close_to("dk", download_bf16(d_dk), widened(dk), kBf16Rounding, kFp32Slack, e.dk_terms))
+        << what;
+    EXPECT_TRUE(close_to("dv", download_bf16(d_dv), widened(dv), kBf16Rounding, kFp32Slack, e.dv_terms))
+        << what;
   }
 }
 
@@ -478,7 +484,8 @@ TEST(CudaAttention, RejectsInvalidArguments) {
   DeviceBuffer<float> f(256);
   DeviceBuffer<int32_t> doc(64);
   auto fwd = [&](int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t D) {
-    cuda_ops::attention_forward(ctx, o.data(), f.data(), a.data(), a.data(), a.data(), doc.data(), B, T, H, KVH, D);
+    cuda_ops::attention_forward(ctx, o.data(), f.data(), a.data(), a.data(), a.data(), doc.data(), B, T, H,
+                                KVH, D);
   };
   auto bwd = [&](int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t D) {
     cuda_ops::attention_backward(ctx, o.data(), o.data(), o.data(), a.data(), a.data(), f.data(), a.data(),
@@ -492,24 +499,25 @@ TEST(CudaAttention, RejectsInvalidArguments) {
   EXPECT_THROW(bwd(1, 4, 4, 3, 8), Error);
   EXPECT_THROW(bwd(1, -4, 2, 1, 8), Error);
   EXPECT_THROW(bwd(1, 4, 2, 1, 300), Error);
-  EXPECT_THROW(cuda_ops::attention_forward(ctx, o.data(), f.data(), a.data(), nullptr, a.data(), doc.data(), 1, 4,
-                                           2, 1, 8),
+  EXPECT_THROW(cuda_ops::attention_forward(ctx, o.data(), f.data(), a.data(), nullptr, a.data(), doc.data(),
+                                           1, 4, 2, 1, 8),
                Error);
   EXPECT_THROW(cuda_ops::attention_backward(ctx, o.data(), o.data(), o.data(), a.data(), a.data(), f.data(),
                                             a.data(), a.data(), a.data(), nullptr, 1, 4, 2, 1, 8),
                Error);
   EXPECT_THROW(cuda_ops::attention_backward_workspace_bytes(1, -1, 2, 8), Error);
   // Nothing to do is not an error, null pointers included.
-  EXPECT_NO_THROW(cuda_ops::attention_forward(ctx, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2,
-                                              1, 8));
-  EXPECT_NO_THROW(cuda_ops::attention_backward(ctx, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                               nullptr, nullptr, nullptr, 2, 0, 2, 1, 8));
+  EXPECT_NO_THROW(
+      cuda_ops::attention_forward(ctx, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2, 1, 8));
+  EXPECT_NO_THROW(cuda_ops::attention_backward(ctx, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                               nullptr, nullptr, nullptr, nullptr, 2, 0, 2, 1, 8));
   ctx.synchronize();
 }
 
 // Host arithmetic only: runs wherever the CUDA backend is built, GPU or not.
 TEST(CudaAttention, WorkspaceHoldsDeltaOnly) {
-  EXPECT_EQ(cuda_ops::attention_backward_workspace_bytes(2, 200, 8, 128), size_t(2 * 8 * 200) * sizeof(float));
+  EXPECT_EQ(cuda_ops::attention_backward_workspace_bytes(2, 200, 8, 128),
+            size_t(2 * 8 * 200) * sizeof(float));
   EXPECT_EQ(cuda_ops::attention_backward_workspace_bytes(0, 200, 8, 128), size_t(0));
 }
 

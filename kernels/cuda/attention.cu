@@ -77,8 +77,9 @@ struct AttentionParams {
 // Rows [t0, t0 + kRows) of one head (head0 points at position 0 of it) into
 // tile (kRows x kD, row stride ld) as fp32; rows past T and columns past D are 0.
 template <int kRows, int kD>
-__device__ __forceinline__ void load_tile(float* __restrict__ tile, int ld, const uint16_t* __restrict__ head0,
-                                          int64_t stride, int64_t t0, int64_t T, int D) {
+__device__ __forceinline__ void load_tile(float* __restrict__ tile, int ld,
+                                          const uint16_t* __restrict__ head0, int64_t stride, int64_t t0,
+                                          int64_t T, int D) {
   for (int e = int(threadIdx.x); e < kRows * kD; e += kThreads) {
     const int r = e / kD, d = e % kD;
     const int64_t t = t0 + r;
@@ -88,15 +89,15 @@ __device__ __forceinline__ void load_tile(float* __restrict__ tile, int ld, cons
 
 // doc_start of rows [t0, t0 + kRows) of one batch row; INT_MAX (sees nothing) past T.
 template <int kRows>
-__device__ __forceinline__ void load_docs(int* __restrict__ docs, const int32_t* __restrict__ row_docs, int64_t t0,
-                                          int64_t T) {
+__device__ __forceinline__ void load_docs(int* __restrict__ docs, const int32_t* __restrict__ row_docs,
+                                          int64_t t0, int64_t T) {
   for (int r = int(threadIdx.x); r < kRows; r += kThreads) docs[r] = t0 + r < T ? row_docs[t0 + r] : INT_MAX;
 }
 
 // fp32 values of one row of (B,H,T) for rows [t0, t0 + kRows); 0 past T.
 template <int kRows>
-__device__ __forceinline__ void load_row_values(float* __restrict__ dst, const float* __restrict__ src, int64_t t0,
-                                                int64_t T) {
+__device__ __forceinline__ void load_row_values(float* __restrict__ dst, const float* __restrict__ src,
+                                                int64_t t0, int64_t T) {
   for (int r = int(threadIdx.x); r < kRows; r += kThreads) dst[r] = t0 + r < T ? src[t0 + r] : 0.0f;
 }
 
@@ -252,6 +253,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     tile_ab<kRM, kON, kBk>(o, Ps, L::ldp, Vs, L::ldv, ty, tx);
   }
 
+  // A row that sees no key cannot come from a valid doc_start (s = t is always
+  // allowed); it gets out = 0 and lse = -inf instead of NaN.
   uint16_t* out_head = p.out + b * T * p.q_stride + h * p.D;
   float* lse_row = p.lse_out + (b * p.H + h) * T;
 #pragma unroll
@@ -259,8 +262,6 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     const float l_row = row_sum16(l[i]);  // every lane: the shuffles need the whole warp
     const int64_t t = q0 + ty * kRM + i;
     if (t >= T) continue;
-    // A row that sees no key cannot come from valid doc_start (s = t is always
-    // allowed); it gets out = 0 and lse = -inf instead of NaN.
 #pragma unroll
     for (int j = 0; j < kON; ++j) {
       const int d = tx + kTx * j;
@@ -490,10 +491,12 @@ __global__ void __launch_bounds__(kThreads) attention_backward_dq_kernel(const A
 // loads feed RM * RN FMAs); not yet measured on a GPU.
 
 // Sizes of the Small configurations (bytes), checked against kSmallTileSmem.
-static_assert(ForwardTiles<64, 64, 64>::bytes <= kSmallTileSmem && ForwardTiles<128, 64, 32>::bytes <= kSmallTileSmem &&
+static_assert(ForwardTiles<64, 64, 64>::bytes <= kSmallTileSmem &&
+                  ForwardTiles<128, 64, 32>::bytes <= kSmallTileSmem &&
                   ForwardTiles<256, 32, 16>::bytes <= kSmallTileSmem,
               "forward small tiles exceed 99 KiB");
-static_assert(DkvTiles<64, 64, 32>::bytes <= kSmallTileSmem && DkvTiles<128, 32, 32>::bytes <= kSmallTileSmem &&
+static_assert(DkvTiles<64, 64, 32>::bytes <= kSmallTileSmem &&
+                  DkvTiles<128, 32, 32>::bytes <= kSmallTileSmem &&
                   DkvTiles<256, 16, 16>::bytes <= kSmallTileSmem,
               "dK/dV small tiles exceed 99 KiB");
 static_assert(DqTiles<64, 64, 64>::bytes <= kSmallTileSmem && DqTiles<128, 32, 32>::bytes <= kSmallTileSmem &&
@@ -524,8 +527,8 @@ bool forward_if_fits(const AttentionParams& p, cudaStream_t s, size_t smem_limit
 template <int kD, int kBk, int kBq>
 bool dkv_if_fits(const AttentionParams& p, cudaStream_t s, size_t smem_limit) {
   const dim3 grid(tiles_over(p.T, kBk), unsigned(p.KVH), unsigned(p.B));
-  return launch_if_fits(attention_backward_dkv_kernel<kD, kBk, kBq>, DkvTiles<kD, kBk, kBq>::bytes, grid, p, s,
-                        smem_limit, "attention_backward_dkv_kernel");
+  return launch_if_fits(attention_backward_dkv_kernel<kD, kBk, kBq>, DkvTiles<kD, kBk, kBq>::bytes, grid, p,
+                        s, smem_limit, "attention_backward_dkv_kernel");
 }
 
 template <int kD, int kBq, int kBk>
@@ -542,11 +545,14 @@ bool dq_if_fits(const AttentionParams& p, cudaStream_t s, size_t smem_limit) {
 
 void launch_attention_forward(const AttentionParams& p, cudaStream_t s, size_t smem_limit) {
   bool ok = false;
-  if (p.D <= 32) ok = forward_if_fits<32, 64, 64>(p, s, smem_limit);
-  else if (p.D <= 64) ok = forward_if_fits<64, 64, 64>(p, s, smem_limit);
+  if (p.D <= 32)
+    ok = forward_if_fits<32, 64, 64>(p, s, smem_limit);
+  else if (p.D <= 64)
+    ok = forward_if_fits<64, 64, 64>(p, s, smem_limit);
   else if (p.D <= 128)
     ok = forward_if_fits<128, 64, 64>(p, s, smem_limit) || forward_if_fits<128, 64, 32>(p, s, smem_limit);
-  else ok = forward_if_fits<256, 64, 32>(p, s, smem_limit) || forward_if_fits<256, 32, 16>(p, s, smem_limit);
+  else
+    ok = forward_if_fits<256, 64, 32>(p, s, smem_limit) || forward_if_fits<256, 32, 16>(p, s, smem_limit);
   if (!ok) no_tiles_fit("cuda_ops::attention_forward", p.D, smem_limit);
 }
 
@@ -557,16 +563,24 @@ void launch_attention_backward(const AttentionParams& p, cudaStream_t s, size_t 
   check_launch("attention_delta_kernel");
 
   bool ok = false;
-  if (p.D <= 32) ok = dkv_if_fits<32, 64, 64>(p, s, smem_limit);
-  else if (p.D <= 64) ok = dkv_if_fits<64, 64, 32>(p, s, smem_limit);
-  else if (p.D <= 128) ok = dkv_if_fits<128, 64, 32>(p, s, smem_limit) || dkv_if_fits<128, 32, 32>(p, s, smem_limit);
-  else ok = dkv_if_fits<256, 32, 32>(p, s, smem_limit) || dkv_if_fits<256, 16, 16>(p, s, smem_limit);
+  if (p.D <= 32)
+    ok = dkv_if_fits<32, 64, 64>(p, s, smem_limit);
+  else if (p.D <= 64)
+    ok = dkv_if_fits<64, 64, 32>(p, s, smem_limit);
+  else if (p.D <= 128)
+    ok = dkv_if_fits<128, 64, 32>(p, s, smem_limit) || dkv_if_fits<128, 32, 32>(p, s, smem_limit);
+  else
+    ok = dkv_if_fits<256, 32, 32>(p, s, smem_limit) || dkv_if_fits<256, 16, 16>(p, s, smem_limit);
   if (!ok) no_tiles_fit(fn, p.D, smem_limit);
 
-  if (p.D <= 32) ok = dq_if_fits<32, 64, 64>(p, s, smem_limit);
-  else if (p.D <= 64) ok = dq_if_fits<64, 64, 64>(p, s, smem_limit);
-  else if (p.D <= 128) ok = dq_if_fits<128, 64, 32>(p, s, smem_limit) || dq_if_fits<128, 32, 32>(p, s, smem_limit);
-  else ok = dq_if_fits<256, 32, 32>(p, s, smem_limit) || dq_if_fits<256, 16, 16>(p, s, smem_limit);
+  if (p.D <= 32)
+    ok = dq_if_fits<32, 64, 64>(p, s, smem_limit);
+  else if (p.D <= 64)
+    ok = dq_if_fits<64, 64, 64>(p, s, smem_limit);
+  else if (p.D <= 128)
+    ok = dq_if_fits<128, 64, 32>(p, s, smem_limit) || dq_if_fits<128, 32, 32>(p, s, smem_limit);
+  else
+    ok = dq_if_fits<256, 32, 32>(p, s, smem_limit) || dq_if_fits<256, 16, 16>(p, s, smem_limit);
   if (!ok) no_tiles_fit(fn, p.D, smem_limit);
 }
 
@@ -684,7 +698,8 @@ void attention_backward(CudaContext& ctx, uint16_t* dq, uint16_t* dk, uint16_t* 
                         const uint16_t* out, const float* lse, const uint16_t* q, const uint16_t* k,
                         const uint16_t* v, const int32_t* doc_start, int64_t B, int64_t T, int64_t H,
                         int64_t KVH, int64_t D) {
-  attention_backward(ctx, dq, dk, dv, dout, out, lse, q, k, v, doc_start, B, T, H, KVH, D, AttentionTiles::Auto);
+  attention_backward(ctx, dq, dk, dv, dout, out, lse, q, k, v, doc_start, B, T, H, KVH, D,
+                     AttentionTiles::Auto);
 }
 
 }  // namespace qlora::cuda_ops
