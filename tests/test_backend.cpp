@@ -4,7 +4,9 @@
 
 #include <filesystem>
 #include <string>
+#include <vector>
 
+#include "cuda_testing.h"
 #include "testing.h"
 #include "train/backend.h"
 
@@ -67,6 +69,28 @@ TEST(Backend, QloraRunOnThisMachine) {
   EXPECT_EQ(fallback.status, 0) << fallback.output;
   EXPECT_NE(fallback.output.find("warning: device.backend auto: " + *why), std::string::npos) << fallback.output;
   EXPECT_TRUE(fs::exists(d / "auto" / "adapter" / "adapter_model.safetensors"));
+}
+
+// Out of device memory is a sentence with sizes and what to change, not a raw
+// CUDA error code, and it leaves the device usable.
+TEST(Backend, OutOfGpuMemoryIsAClearErrorAndNotSticky) {
+  QLORA_REQUIRE_GPU();
+#if QLORA_HAVE_CUDA
+  const size_t total = cuda_device_info().total_bytes;
+  const std::string e = error_of([&] { DeviceBuffer<uint8_t> too_big(2 * total); });
+  EXPECT_NE(e.find("out of GPU memory: could not allocate " + std::to_string((2 * total + (1u << 20) - 1) >> 20) +
+                   " MiB"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("MiB free of " + std::to_string((total + (1u << 20) - 1) >> 20) + " MiB"), std::string::npos)
+      << e;
+  EXPECT_NE(e.find("train.micro_batch"), std::string::npos) << e;
+  DeviceBuffer<float> small(1024);
+  std::vector<float> host(1024, 1.5f), back(1024);
+  small.upload(host.data(), host.size());
+  small.download(back.data(), back.size());
+  EXPECT_EQ(back, host);
+#endif
 }
 
 }  // namespace

@@ -17,6 +17,22 @@ void cuda_check(cudaError_t err, const char* expr, const char* file, int line) {
   fail(file, ":", line, ": ", expr, " failed: ", cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
 }
 
+void* cuda_malloc(size_t bytes) {
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  if (err == cudaSuccess) return p;
+  if (err != cudaErrorMemoryAllocation) cuda_check(err, "cudaMalloc", __FILE__, __LINE__);
+  (void)cudaGetLastError();  // an allocation failure is not sticky: clear it for the caller's cleanup
+  size_t free_bytes = 0, total_bytes = 0;
+  (void)cudaMemGetInfo(&free_bytes, &total_bytes);
+  const auto mib = [](size_t b) { return (b + (size_t(1) << 20) - 1) >> 20; };
+  fail("out of GPU memory: could not allocate ", mib(bytes), " MiB (", mib(free_bytes), " MiB free of ",
+       mib(total_bytes),
+       " MiB). `qlora estimate RECIPE --gpu SIZE` forecasts what a recipe needs; lower train.micro_batch or "
+       "data.seq_len, keep train.checkpointing on, use train.optimizer: paged_adamw, or free the GPU of "
+       "other processes");
+}
+
 void cuda_buffer_overflow(const char* what, size_t n, size_t size) {
   fail("DeviceBuffer ", what, " of ", n, " elements exceeds its size of ", size, " elements");
 }

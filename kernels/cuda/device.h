@@ -46,6 +46,11 @@ void cuda_check(cudaError_t err, const char* expr, const char* file, int line);
 
 namespace qlora {
 
+// cudaMalloc of `bytes`. Out of memory throws qlora::Error saying how much was
+// asked, how much the device has free, and what in a recipe lowers the need,
+// instead of the runtime's bare code; other errors as QLORA_CUDA_CHECK.
+void* cuda_malloc(size_t bytes);
+
 // n elements of T in device memory (plain cudaMalloc, never managed memory),
 // freed when the buffer dies. Move-only. The copies are synchronous
 // (cudaMemcpy): they wait for work already queued on the legacy default stream.
@@ -55,9 +60,7 @@ class DeviceBuffer {
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t n) {
     if (n == 0) return;
-    void* p = nullptr;
-    QLORA_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
-    data_ = static_cast<T*>(p);
+    data_ = static_cast<T*>(cuda_malloc(n * sizeof(T)));
     size_ = n;
   }
   ~DeviceBuffer() { reset(); }
@@ -105,7 +108,7 @@ class DeviceBuffer {
   size_t size_ = 0;
 };
 
-// Out of line so that the header needs no <sstream>: the message is built in device.cu.
+// Out of line so that the header needs no <sstream>: the messages are built in device.cu.
 [[noreturn]] void cuda_buffer_overflow(const char* what, size_t n, size_t size);
 
 template <typename T>

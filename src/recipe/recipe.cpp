@@ -510,6 +510,42 @@ void read_logging(const Source& src, const Section& s, RecipeLogging& l) {
     l.sample_max_new_tokens = read_int(src, *it, 1, "an integer >= 1");
 }
 
+// ---- settings that contradict each other -------------------------------------
+
+// A value that has no effect under another setting is an error rather than a
+// silent no-op: the user meant something by it. Only values that differ from
+// the default are checked, so a recipe written back in full (recipe_to_yaml,
+// every key present) always reads again. Reported at the value's position.
+void check_combinations(const Source& src, const Node& root, const Recipe& r) {
+  const auto at = [&](const char* section, const char* key, const std::string& why) {
+    const auto it = Section(root, section)[key];
+    src.error(it ? it->path : std::string(section) + "." + key, it ? it->mark : YAML::Mark::null_mark(), why);
+  };
+  const RecipeTrain& t = r.train;
+  const RecipeTrain defaults;
+  if (t.momentum != defaults.momentum && t.optimizer != "sgd")
+    at("train", "momentum",
+       str("train.momentum: ", t.momentum, " has no effect with train.optimizer ", t.optimizer,
+           " (only sgd uses momentum); remove it or set train.optimizer: sgd"));
+  if (t.warmup >= 1 && t.max_steps > 0 && t.warmup >= double(t.max_steps))
+    at("train", "warmup",
+       str("train.warmup: ", int64_t(t.warmup), " warmup steps take the whole run (train.max_steps is ", t.max_steps,
+           "); expected fewer than ", t.max_steps, " steps, or a ratio in [0, 1)"));
+  if (t.eval_every > 0 && r.data.val.empty() && r.data.val_fraction == 0.0)
+    at("train", "eval_every",
+       str("train.eval_every: ", t.eval_every,
+           " asks for validation but there is no validation data; set data.val to a file or to the share of "
+           "data.train to hold out (e.g. 0.05)"));
+  const RecipeQuant q;
+  if (r.quant.type == "none") {
+    if (r.quant.block_size != q.block_size)
+      at("quant", "block_size",
+         str("quant.block_size: ", r.quant.block_size, " has no effect with quant.type none (a dense base)"));
+    if (r.quant.double_quant != q.double_quant)
+      at("quant", "double_quant", "quant.double_quant: has no effect with quant.type none (a dense base)");
+  }
+}
+
 // ---- paths -----------------------------------------------------------------
 
 std::string resolve(const std::string& p, const std::filesystem::path& base) {
@@ -571,6 +607,7 @@ Recipe parse_recipe(const std::string& yaml, const std::string& name, const std:
   read_device(src, Section(root, "device"), r.device);
   read_output(src, Section(root, "output"), r.output);
   read_logging(src, Section(root, "logging"), r.logging);
+  check_combinations(src, root, r);
   resolve_paths(r, base_dir);
   return r;
 }
