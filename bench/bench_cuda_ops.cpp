@@ -39,6 +39,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "cuda_bench_util.h"
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/device.h"
@@ -54,6 +55,7 @@
 #include "quant/dynamic_map.h"
 
 using namespace qlora;
+using namespace qlora::bench;
 using cuda_ops::GemmOut;
 using cuda_ops::Trans;
 
@@ -85,52 +87,6 @@ std::vector<LinearShape> linear_shapes(const ModelShape& m) {
 int64_t lora_params_per_layer(const ModelShape& m) {
   const int64_t q = m.H * m.D, kv = m.KVH * m.D;
   return kRank * ((m.C + q) * 2 + (m.C + kv) * 2 + 3 * (m.C + m.I));
-}
-
-// ---- random device data --------------------------------------------------------------
-
-uint64_t mix64(uint64_t x) {  // splitmix64's finalizer
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-float uniform_pm1(uint64_t seed, int64_t i) {  // in [-1, 1)
-  return float(int64_t(mix64(seed * 0x632be59bd9b4e019ull + uint64_t(i)) >> 40) - (int64_t(1) << 23)) /
-         float(int64_t(1) << 23);
-}
-
-// n elements made by f(i) on the host for the first 4M, then tiled on the
-// device: the values repeat, which changes no timing, and setup stays fast.
-template <typename T, typename F>
-void fill(T* d, int64_t n, F f) {
-  if (n <= 0) return;
-  const int64_t chunk = std::min<int64_t>(n, int64_t(1) << 22);
-  std::vector<T> host(static_cast<size_t>(chunk));
-  for (int64_t i = 0; i < chunk; ++i) host[size_t(i)] = f(i);
-  QLORA_CUDA_CHECK(cudaMemcpy(d, host.data(), size_t(chunk) * sizeof(T), cudaMemcpyHostToDevice));
-  for (int64_t done = chunk; done < n;) {
-    const int64_t c = std::min(done, n - done);
-    QLORA_CUDA_CHECK(cudaMemcpy(d + done, d, size_t(c) * sizeof(T), cudaMemcpyDeviceToDevice));
-    done += c;
-  }
-  QLORA_CUDA_CHECK(cudaDeviceSynchronize());  // device-to-device cudaMemcpy may return early
-}
-
-DeviceBuffer<uint16_t> random_bf16(int64_t n, uint64_t seed, float scale) {
-  DeviceBuffer<uint16_t> b(static_cast<size_t>(n));
-  fill(b.data(), n, [&](int64_t i) { return f32_to_bf16(scale * uniform_pm1(seed, i)); });
-  return b;
-}
-DeviceBuffer<float> random_f32(int64_t n, uint64_t seed, float scale) {
-  DeviceBuffer<float> b(static_cast<size_t>(n));
-  fill(b.data(), n, [&](int64_t i) { return scale * uniform_pm1(seed, i); });
-  return b;
-}
-DeviceBuffer<float> constant_f32(int64_t n, float v) {
-  DeviceBuffer<float> b(static_cast<size_t>(n));
-  fill(b.data(), n, [&](int64_t) { return v; });
-  return b;
 }
 
 // A random (OUT,IN) weight in bf16 and its NF4 form, block 64, with the
@@ -197,13 +153,6 @@ double gemv_bytes(const Nf4Weight& w) {
 
 // ---- timing ------------------------------------------------------------------------
 
-struct Event {
-  cudaEvent_t e = nullptr;
-  Event() { QLORA_CUDA_CHECK(cudaEventCreate(&e)); }
-  ~Event() { (void)cudaEventDestroy(e); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-};
 
 class Timer {
  public:

@@ -132,6 +132,41 @@ if train or hf:
                 print("%s %s %s: %s" % (side, model, r["status"], r.get("reason", "")))
     print("speedup = ours / HF tokens/s; memory ratio = ours / HF peak allocated (lower is better).")
     print("Targets: MFU >= 50%; several times HF's tokens/s at lower peak memory.")
+
+if train:
+    budget = train.get("budget_bytes") or next(
+        (r["budget_bytes"] for r in train.get("results", []) if r.get("budget_bytes")), None)
+    g = train.get("cublas_gemm") or {}
+    print("\n== qlora's step: ceiling, memory plan, budget (%s) ==" % train.get("gpu", "?"))
+    if g.get("tflops"):
+        print("of cuBLAS: useful FLOP rate / %.1f TFLOP/s (cuBLAS bf16 GEMM %sx%sx%s, same run)"
+              % (g["tflops"], g.get("m"), g.get("n"), g.get("k")))
+    fits_hdr = "fits %s GiB" % gib(budget) if budget else "fits budget"
+    print("| model | layers | tok/s | MFU | of cuBLAS | peak used GiB | plan GiB | plan error | %s |" % fits_hdr)
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in train.get("results", []):
+        if r.get("status", "ok") != "ok":
+            print("| %s | %s | %s: %s | | | | | | |" % (r["model"], r.get("layers", "?"), r["status"],
+                                                      r.get("reason", "")))
+            continue
+        m = r.get("mfu")
+        if m is None and peak and r.get("useful_flops_per_token"):
+            m = r["useful_flops_per_token"] * r["tokens_per_s"] / 1e12 / peak
+        plan = (r.get("plan") or {}).get("device_bytes")
+        err = r.get("plan_error")
+        print("| %s | %s | %.0f | %s | %s | %s | %s | %s | %s |" % (
+            r["model"], r.get("layers", "?"), r["tokens_per_s"], "%.1f%%" % (100 * m) if m is not None else "n/a",
+            "%.1f%%" % (100 * r["mfu_vs_cublas"]) if r.get("mfu_vs_cublas") is not None else "n/a",
+            gib(r.get("peak_device_used_bytes")), gib(plan), "%+.1f%%" % (100 * err) if err is not None else "n/a",
+            {True: "yes", False: "NO"}.get(r.get("fits_budget"), "n/a")))
+        e = r.get("extrapolated")
+        if e:
+            print("| %s (EXTRAPOLATED, not measured) | %s | %.0f | | | %s | %s | | %s |" % (
+                r["model"], e.get("layers", "?"), e["tokens_per_s"], gib(e.get("peak_device_used_bytes")),
+                gib(e.get("plan_device_bytes")), {True: "yes", False: "NO"}.get(e.get("fits_budget"), "n/a")))
+    print("peak used: the device's used memory (context included); plan: the planner's device total for the same "
+          "run; plan error = (plan - peak used) / peak used.")
+    print("Target: the 70B shape inside a 48 GB budget (the llama-2-70b row's fits column).")
 PY
 }
 
@@ -169,11 +204,13 @@ fi
 echo
 echo "== 2/3 bench_cuda_train =="
 if [ -x "$build_dir/bench/bench_cuda_train" ]; then
-  "$build_dir/bench/bench_cuda_train" "${quick[@]}" --json "$out/train.json" 2>&1 | tee "$out/train.log"
+  "$build_dir/bench/bench_cuda_train" "${quick[@]}" --shapes-file bench/shapes.json --json "$out/train.json" 2>&1 |
+    tee "$out/train.log"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then echo "bench_cuda_train failed (exit $rc)"; status=1; fi
 else
-  echo "skipped: $build_dir/bench/bench_cuda_train not found (not written yet, or not built)"
+  echo "skipped: $build_dir/bench/bench_cuda_train not found (build with CUDA: scripts/build.sh)"
+  status=1
 fi
 
 echo

@@ -3,7 +3,8 @@
 transformers + PEFT (+ bitsandbytes 4-bit NF4 with double quantization when `import bitsandbytes`
 works; otherwise a bf16 base, labelled as such) on Llama-shaped models with RANDOM weights.
 
-Nothing is downloaded: each LlamaConfig is written out below, the model skeleton is built on the meta
+Nothing is downloaded: each LlamaConfig comes from bench/shapes.json (the published config.json values,
+shared with bench/bench_cuda_train), the model skeleton is built on the meta
 device, and each of the 7 block linears is given random bf16 weights on the GPU, one at a time, and
 quantized there at once, so a 70B shape never needs its 140 GB of bf16 weights.
 
@@ -21,31 +22,36 @@ import datetime
 import gc
 import inspect
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 import traceback
 
-# Published config.json values of the two shapes (rope settings do not change the cost).
-MODELS = {
-    "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama-2-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False),
-}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The shapes and GPU peaks, shared with bench/bench_cuda_train (C++): each model's published
+# config.json values, and the dense bf16 tensor-core peaks (TFLOP/s, fp32 accumulation, no sparsity)
+# matched as a substring of the device name, first match first. Other GPUs get no MFU unless
+# --peak-tflops or PEAK_TFLOPS gives their peak.
+SHAPES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.json")
+# The config.json keys that shape the model (the rest, such as token ids or torch_dtype, do not).
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rope_theta",
+               "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act")
 
-# Dense bf16 tensor-core peak (TFLOP/s, fp32 accumulation, no sparsity) from the vendor's data
-# sheets, for MFU. Matched against the torch device name ("NVIDIA H100 80GB HBM3" is the SXM part);
-# other GPUs get no MFU unless --peak-tflops gives their peak.
-PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 80GB HBM3", 989.4), ("H100 PCIe", 756.5), ("A100", 312.0))
+
+def load_shapes(path=SHAPES_FILE):
+    with open(path) as f:
+        shapes = json.load(f)
+    # null means "absent" (transformers' default), as qlora's config parser reads it.
+    models = {name: {k: v for k, v in cfg.items() if k in CONFIG_KEYS and v is not None}
+              for name, cfg in shapes["models"].items()}
+    peaks = tuple((str(name), float(tflops)) for name, tflops in shapes.get("gpu_peak_bf16_tflops", []))
+    return models, peaks
+
+
+MODELS, PEAK_BF16_TFLOPS = load_shapes()
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_args():
@@ -66,7 +72,8 @@ def parse_args():
                    help="call peft.prepare_model_for_kbit_training (the QLoRA notebooks do; it upcasts "
                         "embeddings, norms and lm_head to fp32: slower, more memory)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="dense bf16 peak of the GPU for MFU (default: from a table of known GPUs)")
+                   help="dense bf16 peak of the GPU for MFU (default: PEAK_TFLOPS, then the table in "
+                        "bench/shapes.json)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 layers, seq 512, 1 warm-up and 2 timed steps (each unless given)")
     p.add_argument("--seed", type=int, default=0)
@@ -97,10 +104,14 @@ def model_config(name, args):
     return cfg
 
 
+def head_dim(cfg):
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def linear_params(cfg):
     """Weights of the matmuls of one forward pass: 7 block linears per layer plus lm_head."""
     C, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    D = C // cfg["num_attention_heads"]
+    D = head_dim(cfg)
     q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
     return L * (C * q + 2 * C * kv + q * C + 3 * C * I) + V * C
 
@@ -111,15 +122,24 @@ def useful_flops_per_token(cfg, seq):
     attention: forward QK^T and PV over the T(T+1)/2 visible pairs (2 matmuls) and backward dV, dP,
     dQ, dK (4 matmuls), 2 flops per multiply-add: 6 * 2 * D * H * T(T+1)/2 per layer and sequence.
     LoRA and recomputation (checkpointing) are not counted."""
-    L, H = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    D = cfg["hidden_size"] // H
+    L, H, D = cfg["num_hidden_layers"], cfg["num_attention_heads"], head_dim(cfg)
     attention = 6.0 * D * H * L * (seq + 1)  # = 6 * 2 * D * H * L * T(T+1)/2 / T
     return 4.0 * linear_params(cfg) + attention
 
 
 def peak_tflops(name, override):
+    """--peak-tflops, then the PEAK_TFLOPS environment variable, then the table (as bench_cuda_train)."""
     if override > 0:
         return override
+    env = os.environ.get("PEAK_TFLOPS", "")
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            return value
+        sys.exit("hf_baseline: PEAK_TFLOPS: expected a positive number, got %r" % env)
     for key, tflops in PEAK_BF16_TFLOPS:
         if key in name:
             return tflops

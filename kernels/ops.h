@@ -47,6 +47,12 @@ void residual_forward(float* out, const float* a, const float* b, int64_t n);
 // 4-bit form: `codes` packed two per byte, high nibble first, over the
 // flattened (OUT*IN) values, with one fp32 scale per `block` values in
 // `absmax` (double quantization already undone at load time).
+//
+// When the scales were double quantized, the small form they were decoded
+// from is kept beside them (else absmax8 is null): CPU ops read `absmax`; the
+// GPU upload keeps only this form (1 byte per block instead of 4). absmax[b]
+// is bit for bit code8[absmax8[b]] * nested_absmax[b / nested_block] + offset
+// (fp32, rounded after the multiply and after the add: double_dequantize).
 struct LinearWeight {
   int64_t out = 0, in = 0;
   const float* dense = nullptr;
@@ -54,7 +60,13 @@ struct LinearWeight {
   const float* absmax = nullptr;
   int64_t block = 64;
   Quant4Type type = Quant4Type::NF4;
+  const uint8_t* absmax8 = nullptr;      // one per block
+  const float* nested_absmax = nullptr;  // one per nested_block blocks
+  const float* code8 = nullptr;          // the 256-entry 8-bit code book
+  float offset = 0.0f;
+  int64_t nested_block = 256;
   bool quantized() const { return dense == nullptr; }
+  bool double_quant() const { return absmax8 != nullptr; }
 };
 // out = inp W^T (+ bias). out is (N,OUT); inp is (N,IN); bias is (OUT) or null.
 // The 4-bit path dequantizes row panels of W into a thread-local buffer and

@@ -166,6 +166,11 @@ NestedAbsmax double_quantize(const float* absmax, int64_t nblocks) {
   return nq;
 }
 
+// Two fp32 roundings, multiply then add, never one FMA (this library is built
+// with -ffp-contract=off). The GPU decodes the same way with __fmul_rn and
+// __fadd_rn (quant4_block_scale in kernels/cuda/linear_cuda.h, every linear
+// kernel; double_dequantize_kernel in kernels/cuda/quant4.cu), so a model
+// holding only the double-quantized form reads these scales bit for bit.
 void double_dequantize(const NestedAbsmax& nq, float* absmax) {
   const int64_t n = int64_t(nq.codes.size());
   const float* code = nq.code8.empty() ? dynamic_map_signed().data() : nq.code8.data();

@@ -320,40 +320,11 @@ TEST(AttentionCases, DocumentStartSeesOnlyItself) {
 
 #if QLORA_HAVE_CUDA
 
-std::vector<uint16_t> to_bits(const std::vector<float>& x) {
-  std::vector<uint16_t> h(x.size());
-  for (size_t i = 0; i < x.size(); ++i) h[i] = f32_to_bf16(x[i]);
-  return h;
-}
-
-template <typename T>
-DeviceBuffer<T> upload(const std::vector<T>& h) {
-  DeviceBuffer<T> d(h.size());
-  d.upload(h.data(), h.size());
-  return d;
-}
-
-// cudaMemset 0xFF: a bf16 or fp32 NaN in every element, so an element no kernel writes fails.
-template <typename T>
-DeviceBuffer<T> poisoned(size_t n) {
-  DeviceBuffer<T> d(n);
-  if (n > 0) QLORA_CUDA_CHECK(cudaMemset(d.data(), 0xff, d.bytes()));
-  return d;
-}
-
-std::vector<float> download_bf16(const DeviceBuffer<uint16_t>& d) {
-  std::vector<uint16_t> h(d.size());
-  d.download(h.data(), h.size());
-  std::vector<float> f(h.size());
-  for (size_t i = 0; i < h.size(); ++i) f[i] = bf16_to_f32(h[i]);
-  return f;
-}
-
-std::vector<float> download_f32(const DeviceBuffer<float>& d) {
-  std::vector<float> h(d.size());
-  d.download(h.data(), h.size());
-  return h;
-}
+using testing::download;
+using testing::download_bf16;
+using testing::poisoned;
+using testing::to_bits;
+using testing::upload;
 
 const char* tiles_name(cuda_ops::AttentionTiles t) {
   return t == cuda_ops::AttentionTiles::Auto ? " tiles auto" : " tiles small";
@@ -382,7 +353,7 @@ TEST(CudaAttention, ForwardMatchesCpuWithinBf16) {
       ctx.synchronize();
       const auto out = download_bf16(d_out);
       EXPECT_TRUE(close_to("out", out, widened(r.out), kBf16Rounding, kFp32Slack, e.out_terms)) << what;
-      EXPECT_TRUE(close_to("lse", download_f32(d_lse), widened(r.lse), 0.0, kFp32Slack, e.lse_terms)) << what;
+      EXPECT_TRUE(close_to("lse", download(d_lse), widened(r.lse), 0.0, kFp32Slack, e.lse_terms)) << what;
       // A document's first token: p = expf(0) = 1 exactly, so out is its v bit for bit.
       for (int64_t b = 0; b < c.B; ++b)
         for (int64_t t = 0; t < c.T; ++t) {
@@ -463,7 +434,7 @@ TEST(CudaAttention, BackwardFromGpuForwardMatchesCpu) {
     ctx.synchronize();
     AttentionRun g = r;
     g.out_bf16 = download_bf16(d_out);
-    const std::vector<float> gpu_lse = download_f32(d_lse);
+    const std::vector<float> gpu_lse = download(d_lse);
     std::vector<float> dq(r.dq.size()), dk(r.dk.size()), dv(r.dv.size());
     ops::attention_backward(dq.data(), dk.data(), dv.data(), r.dout.data(), g.out_bf16.data(), gpu_lse.data(),
                             r.q.data(), r.k.data(), r.v.data(), r.doc.data(), c.B, c.T, c.H, c.KVH, c.D);

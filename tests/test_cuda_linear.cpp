@@ -521,18 +521,8 @@ TEST(CudaLinearHost, ChecksArgumentsWithoutTheDevice) {
 
 constexpr size_t kSentinel = 64;  // poisoned elements after each output: an overrun writes them
 
-template <typename T>
-DeviceBuffer<T> upload(const std::vector<T>& h) {
-  DeviceBuffer<T> d(h.size());
-  d.upload(h.data(), h.size());
-  return d;
-}
-
-std::vector<uint16_t> to_bits(const std::vector<float>& x) {
-  std::vector<uint16_t> h(x.size());
-  for (size_t i = 0; i < x.size(); ++i) h[i] = f32_to_bf16(x[i]);
-  return h;
-}
+using testing::to_bits;
+using testing::upload;
 
 // The weight of a case on the device, and the CudaLinearWeight that views it.
 struct DeviceWeight {

@@ -670,40 +670,15 @@ TEST(CudaLossLoraArgs, CrossEntropyWorkspaceHoldsTheTilesAndClampsTheChunks) {
 
 // ---- GPU against CPU -------------------------------------------------------------------------
 
-std::vector<uint16_t> to_bits(const std::vector<float>& x) {
-  std::vector<uint16_t> h(x.size());
-  for (size_t i = 0; i < x.size(); ++i) h[i] = f32_to_bf16(x[i]);
-  return h;
-}
+using testing::download;
+using testing::poison;
+using testing::to_bits;
+using testing::upload;
 
 std::vector<float> widen(const std::vector<uint16_t>& h) {
   std::vector<float> f(h.size());
   for (size_t i = 0; i < h.size(); ++i) f[i] = bf16_to_f32(h[i]);
   return f;
-}
-
-template <typename T>
-DeviceBuffer<T> upload(const std::vector<T>& h) {
-  DeviceBuffer<T> d(h.size());
-  d.upload(h.data(), h.size());
-  return d;
-}
-
-// The caller has synchronized the stream the work ran on.
-template <typename T>
-std::vector<T> download(const DeviceBuffer<T>& d) {
-  std::vector<T> h(d.size());
-  d.download(h.data(), h.size());
-  return h;
-}
-
-// 0xFF bytes: NaN in bf16 and fp32, so an element the op does not write fails.
-void poison(void* p, size_t bytes) {
-  if (bytes > 0) QLORA_CUDA_CHECK(cudaMemset(p, 0xff, bytes));
-}
-template <typename T>
-void poison(DeviceBuffer<T>& b) {
-  poison(b.data(), b.bytes());
 }
 
 // Uploads and memsets run on the legacy default stream, the ops on the
@@ -714,7 +689,7 @@ void settle() {
 
 void poison_ce_workspace(CudaContext& ctx, const CeRun& r) {
   const size_t bytes = cuda_ops::lm_head_ce_workspace_bytes(r.chunking, r.N, r.C, r.V);
-  poison(ctx.workspace(bytes), bytes);
+  testing::poison_bytes(ctx.workspace(bytes), bytes);
 }
 
 struct CeDevice {

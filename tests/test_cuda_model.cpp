@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #include "model/builtin.h"
 #include "model/llama.h"
 #include "model/weights.h"
+#include "plan/plan.h"
 #include "test_models.h"
 #include "testing.h"
 #include "train/metrics.h"
@@ -56,14 +58,7 @@ Batch make_batch(int64_t B, int64_t T, int64_t V) {
   return b;
 }
 
-double rel_l2(const std::vector<float>& cpu, const std::vector<float>& gpu) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < cpu.size(); ++i) {
-    num += (double(gpu[i]) - cpu[i]) * (double(gpu[i]) - cpu[i]);
-    den += double(cpu[i]) * cpu[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
+using testing::rel_l2;
 
 TEST(CudaModel, LossAndLoraGradientsTrackTheCpu) {
   QLORA_REQUIRE_GPU();
@@ -123,6 +118,84 @@ TEST(CudaModel, BadTokensAndTargetsAreNamed) {
             std::string::npos);
 }
 
+uint64_t plan_bytes(const MemoryPlan& p, const std::string& name) {
+  for (const PlanBuffer& b : p.buffers)
+    if (b.name == name) return b.bytes;
+  ADD_FAILURE() << "no buffer named " << name;
+  return 0;
+}
+
+// The GPU keeps double-quantized scales in their small form (8-bit codes +
+// second level) and decodes each one with double_dequantize's fp32 operations
+// (two roundings, no FMA): bit for bit the CPU's fp32 absmax. So the model on
+// the kept form gives exactly (EXPECT_EQ, not a threshold) the loss and LoRA
+// gradients of the same model given the fp32 scales, and it holds fewer
+// weight bytes by exactly the difference of the plan's scale lines.
+TEST(CudaModel, NestedScalesGiveTheLossOfFp32ScalesAndThePlannedBytes) {
+  QLORA_REQUIRE_GPU();
+  const LlamaWeights w = load_llama_weights(resolve_model_path("builtin:tiny"));  // NF4 + double quant
+  const ModelConfig& cfg = w.cfg;
+  // The same weights with the fp32 scales only (views into w's arena).
+  LlamaWeights plain;
+  plain.cfg = cfg;
+  plain.embed = w.embed;
+  plain.lm_head = w.lm_head;
+  plain.final_norm = w.final_norm;
+  plain.layers = w.layers;
+  plain.quantized = true;
+  for (LlamaLayerWeights& L : plain.layers)
+    for (ops::LinearWeight* lw : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
+      ASSERT_TRUE(lw->double_quant());
+      lw->absmax8 = nullptr;
+      lw->nested_absmax = nullptr;
+      lw->code8 = nullptr;
+    }
+  const int64_t B = 2, T = 48;
+  const Batch batch = make_batch(B, T, cfg.vocab_size);
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.dropout = 0.1;
+  lc.seed = 5;
+  LoraWeights lora = testing::random_lora(cfg, lc, 200, 0.05f);
+
+  CudaContext ctx;
+  CudaLlamaModel nested(ctx, w, &lora, B, T), fp32(ctx, plain, &lora, B, T);
+  const double loss_nested = nested.forward(batch.view(B, T));
+  nested.backward();
+  const double loss_fp32 = fp32.forward(batch.view(B, T));
+  fp32.backward();
+  ASSERT_TRUE(std::isfinite(loss_nested));
+  EXPECT_EQ(loss_nested, loss_fp32);
+  std::vector<float> g_nested(lora.flat_size()), g_fp32(lora.flat_size());
+  nested.download_grads(g_nested.data());
+  fp32.download_grads(g_fp32.data());
+  EXPECT_EQ(std::memcmp(g_nested.data(), g_fp32.data(), g_nested.size() * sizeof(float)), 0);
+
+  // Same activations, LoRA and op workspace (one context): the difference of
+  // the device bytes is the difference of the scales alone.
+  PlanInput in;
+  in.model = cfg;
+  in.backend = PlanBackend::cuda;
+  in.lora = lc;
+  in.micro_batch = B;
+  in.seq_len = T;
+  const MemoryPlan with_dq = make_plan(in);
+  in.double_quant = false;
+  const MemoryPlan without = make_plan(in);
+  const uint64_t planned = plan_bytes(without, "absmax") -
+                           plan_bytes(with_dq, "absmax, 8-bit (double quant)") -
+                           plan_bytes(with_dq, "second-level scales + code");
+  EXPECT_EQ(uint64_t(fp32.device_bytes() - nested.device_bytes()), planned);
+  // And in absolute terms: the weights on the device are the plan's base-weight lines, byte for byte.
+  for (const auto& [model, plan] : {std::pair<const CudaLlamaModel*, const MemoryPlan*>{&nested, &with_dq},
+                                    {&fp32, &without}}) {
+    uint64_t base = 0;
+    for (const PlanBuffer& b : plan->buffers)
+      if (b.category == "base weights") base += b.bytes;
+    EXPECT_EQ(model->weight_bytes(), base);
+  }
+}
+
 // The end-to-end check: the demo recipe for 50 steps on both
 // backends. Same data order, same masks, same schedule: each logged loss on
 // CUDA within the chain bound of the CPU's, and the CUDA run learns (its last
@@ -159,6 +232,9 @@ TEST(CudaModel, BadTokensAndTargetsAreNamed) {
   QLORA_REQUIRE_GPU();
 }
 TEST(CudaModel, FiftyStepRunTracksTheCpu) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaModel, NestedScalesGiveTheLossOfFp32ScalesAndThePlannedBytes) {
   QLORA_REQUIRE_GPU();
 }
 

@@ -193,28 +193,10 @@ TEST(OpCases, EmbeddingCopiesRowsAndRejectsOutOfRangeTokens) {
 
 #if QLORA_HAVE_CUDA
 
-std::vector<uint16_t> to_bits(const std::vector<float>& x) {
-  std::vector<uint16_t> h(x.size());
-  for (size_t i = 0; i < x.size(); ++i) h[i] = f32_to_bf16(x[i]);
-  return h;
-}
-
-template <typename T>
-DeviceBuffer<T> upload(const std::vector<T>& h) {
-  DeviceBuffer<T> d(h.size());
-  d.upload(h.data(), h.size());
-  return d;
-}
-
-// Downloads bf16 bits and widens them (exactly) to fp32.
-std::vector<float> download_bf16(const DeviceBuffer<uint16_t>& d) {
-  QLORA_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<uint16_t> h(d.size());
-  d.download(h.data(), h.size());
-  std::vector<float> f(h.size());
-  for (size_t i = 0; i < h.size(); ++i) f[i] = bf16_to_f32(h[i]);
-  return f;
-}
+using testing::download_bf16;
+using testing::poisoned;
+using testing::to_bits;
+using testing::upload;
 
 constexpr double kBf16HalfUlp = 1.0 / 256;  // 2^-8: one rounding to bf16 (see the top of the file)
 constexpr double kFp32Slack = 1.0 / 4096;   // 2^-12 of the terms' size: fp32 order/FMA/expf differences
@@ -246,8 +228,8 @@ TEST(CudaOps, RmsnormForwardMatchesCpuWithinBf16) {
     const auto [x, w, dy, out, rstd, grad] = rmsnorm_cpu(c);
 
     auto dx = upload(to_bits(x)), dw = upload(to_bits(w));
-    DeviceBuffer<uint16_t> dout(sz(c.N * c.C));
-    DeviceBuffer<float> drstd(sz(c.N));
+    auto dout = poisoned<uint16_t>(sz(c.N * c.C));
+    auto drstd = poisoned<float>(sz(c.N));
     cuda_ops::rmsnorm_forward(dout.data(), drstd.data(), dx.data(), dw.data(), c.N, c.C, c.eps);
     // out = w * x * rstd has no cancellation: the fp32 differences are relative to out itself.
     EXPECT_TRUE(within_bf16(out, download_bf16(dout), abs_of(out))) << what;
@@ -280,7 +262,7 @@ TEST(CudaOps, RmsnormBackwardMatchesCpuWithinBf16) {
     }
     auto d_x = upload(to_bits(x)), d_w = upload(to_bits(w)), d_dy = upload(to_bits(dy));
     auto d_rstd = upload(rstd);  // the CPU's saved rstd: this test isolates the backward
-    DeviceBuffer<uint16_t> d_dx(dx.size());
+    auto d_dx = poisoned<uint16_t>(dx.size());
     cuda_ops::rmsnorm_backward(d_dx.data(), d_dy.data(), d_x.data(), d_w.data(), d_rstd.data(), c.N, c.C);
     EXPECT_TRUE(within_bf16(dx, download_bf16(d_dx), scale)) << what;
   }
@@ -293,7 +275,7 @@ TEST(CudaOps, SwigluMatchesCpuWithinBf16) {
     const auto [g, u, dy, out, dg, du] = swiglu_cpu(c);
 
     auto d_g = upload(to_bits(g)), d_u = upload(to_bits(u)), d_dy = upload(to_bits(dy));
-    DeviceBuffer<uint16_t> d_out(sz(c.n)), d_dg(sz(c.n)), d_du(sz(c.n));
+    auto d_out = poisoned<uint16_t>(sz(c.n)), d_dg = poisoned<uint16_t>(sz(c.n)), d_du = poisoned<uint16_t>(sz(c.n));
     cuda_ops::swiglu_forward(d_out.data(), d_g.data(), d_u.data(), c.n);
     cuda_ops::swiglu_backward(d_dg.data(), d_du.data(), d_dy.data(), d_g.data(), d_u.data(), c.n);
     EXPECT_TRUE(within_bf16(out, download_bf16(d_out), abs_of(out))) << what << " out";
@@ -393,13 +375,14 @@ TEST(CudaOps, ResidualAndPrecisionChangesMatchCpu) {
     std::vector<double> scale(sz(c.n));
     for (size_t i = 0; i < scale.size(); ++i) scale[i] = std::abs(double(a[i])) + std::abs(double(b[i]));
     auto d_a = upload(to_bits(a)), d_b = upload(to_bits(b));
-    DeviceBuffer<uint16_t> d_out(sz(c.n));
+    auto d_out = poisoned<uint16_t>(sz(c.n));
     cuda_ops::residual_forward(d_out.data(), d_a.data(), d_b.data(), c.n);
     EXPECT_TRUE(within_bf16(sum, download_bf16(d_out), scale)) << what;
 
     const auto acc0 = testing::randn(c.n, 13);  // fp32 values, not bf16-representable
     auto d_acc = upload(acc0);
     cuda_ops::add_bf16_to_f32(d_acc.data(), d_b.data(), c.n);
+    testing::poison(d_out);  // the rounding must write every element again
     cuda_ops::round_to_bf16(d_out.data(), d_acc.data(), c.n);
     QLORA_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<float> acc(sz(c.n));

@@ -74,13 +74,14 @@ std::string describe(const OptimCase& c) {
   return os.str();
 }
 
-// n = 1 and 7 (under a warp), 197 = 3 pages of 64 + 5, 1000 (several thread
+// n = 1 and 7 (under a warp; 7 in one page of INT64_MAX params, whose page
+// count must not overflow), 197 = 3 pages of 64 + 5, 1000 (several thread
 // blocks; 7 pages of 128 + 104), 70001 (many blocks; pages of 2^14 + a tail).
 std::vector<OptimCase> optim_cases() {
   struct Size {
     int64_t n, page;
   };
-  const Size sizes[] = {{1, int64_t(1) << 20}, {7, int64_t(1) << 20}, {197, 64}, {1000, 128}, {70001, 16384}};
+  const Size sizes[] = {{1, int64_t(1) << 20}, {7, INT64_MAX}, {197, 64}, {1000, 128}, {70001, 16384}};
   std::vector<OptimizerConfig> cfgs(4);
   cfgs[0].kind = OptimizerKind::adamw;
   cfgs[1].kind = OptimizerKind::paged_adamw;
@@ -282,24 +283,9 @@ cuda_ops::OptimStep step_for(const OptimizerConfig& cfg, int64_t t, double lr) {
   return st;
 }
 
-template <typename T>
-DeviceBuffer<T> upload(const std::vector<T>& h) {
-  DeviceBuffer<T> d(h.size());
-  d.upload(h.data(), h.size());
-  return d;
-}
-
-template <typename T>
-std::vector<T> download(const DeviceBuffer<T>& d) {
-  std::vector<T> h(d.size());
-  d.download(h.data(), h.size());
-  return h;
-}
-
-template <typename T>
-void poison(DeviceBuffer<T>& d) {
-  if (d.size() > 0) QLORA_CUDA_CHECK(cudaMemset(d.data(), 0xff, d.bytes()));  // NaN as fp32, bf16, double
-}
+using testing::download;
+using testing::poison;
+using testing::upload;
 
 uint32_t bits_of(float f) {
   uint32_t b;
@@ -462,6 +448,7 @@ TEST(CudaOptim, PagedStateEqualsDeviceStateAndCpuBitForBit) {
     PagedAdamState paged(ctx, c.n, c.page);
     EXPECT_EQ(paged.size(), c.n);
     EXPECT_EQ(paged.device_bytes(), 2 * 2 * sz(std::min(c.page, c.n)) * sizeof(float));
+    EXPECT_EQ(paged.device_bytes(), plan_cuda::paged_optimizer_device_bytes(c.n, c.page)) << "what the plan counts";
     cudaPointerAttributes attr{};
     QLORA_CUDA_CHECK(cudaPointerGetAttributes(&attr, paged.host_m()));
     EXPECT_EQ(attr.type, cudaMemoryTypeHost) << "the state must be pinned host memory, not managed";

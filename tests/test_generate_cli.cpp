@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "testing.h"
+#include "train/backend.h"
 
 namespace qlora {
 namespace {
@@ -31,7 +32,8 @@ TEST(GenerateCli, PrintsTheReferenceContinuation) {
   const auto dir = fx / "models/stories260K/hf";
   std::ifstream f(dir / "expected_greedy_200.json");
   const auto ref = nlohmann::json::parse(f).at("greedy_ids").get<std::vector<int>>();
-  const std::string model = "--model '" + dir.string() + "' --dense --max-new-tokens 24 ";
+  // The CPU's fp32 path is the one the reference continuation pins down.
+  const std::string model = "--model '" + dir.string() + "' --dense --device cpu --max-new-tokens 24 ";
   const CliResult r = run_qlora("generate " + model + "--prompt-ids 1");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(ids_line(r.output), std::vector<int>(ref.begin(), ref.begin() + 24)) << r.output;
@@ -53,6 +55,24 @@ TEST(GenerateCli, BadInputIsRefused) {
   r = run_qlora("generate --model /nonexistent/model --prompt-ids 1");
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("/nonexistent/model"), std::string::npos) << r.output;
+}
+
+// Where the GPU cannot run (every CI machine): `cuda` is refused with the
+// reason before the model is read, `auto` generates on the CPU with a warning.
+TEST(GenerateCli, DeviceChoiceWithoutAUsableGpu) {
+  const auto why = cuda_backend_unavailable();
+  if (!why) GTEST_SKIP() << "this machine can generate on its GPU (tests/test_cuda_generate.cpp covers it)";
+  CliResult r = run_qlora("generate --model /nonexistent/model --prompt-ids 1 --device cuda");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("--device cuda: " + *why), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("/nonexistent/model"), std::string::npos) << "refused before reading: " << r.output;
+  r = run_qlora("generate --model builtin:tiny --prompt-ids '1 2 3' --max-new-tokens 4 --device auto");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("warning: --device auto: " + *why + "; generating on the CPU"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("ids: "), std::string::npos) << r.output;
+  r = run_qlora("generate --model builtin:tiny --prompt-ids 1 --device gpu");
+  EXPECT_NE(r.status, 0) << r.output;
 }
 
 }  // namespace

@@ -1,19 +1,26 @@
 // Whole-model LoRA gradients against finite differences (tiny random model
-// with GQA, llama3 rope scaling, two packed documents per row, NF4 base), and
-// bad input: files disagreeing with config.json, NaN weights, bad positions,
-// adapters for another model.
+// with GQA, llama3 rope scaling, two packed documents per row, NF4 base), bad
+// input: files disagreeing with config.json, NaN weights, bad positions,
+// adapters for another model; and the double-quantized scales the loader
+// keeps beside the fp32 ones (Weights* suites).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "model/builtin.h"
 #include "model/llama.h"
+#include "model/tensor_table.h"
+#include "quant/blockwise.h"
+#include "quant/bnb_layout.h"
 #include "testing.h"
+#include "tools/quantize_model.h"
 
 namespace qlora {
 namespace {
@@ -160,6 +167,192 @@ TEST(ModelBadInput, AdapterForAnotherShapeIsRefusedByName) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("layers.1.self_attn.q_proj.lora_A"), std::string::npos) << e.what();
   }
+}
+
+
+// ---- the double-quantized form kept beside the fp32 scales
+
+std::vector<const ops::LinearWeight*> linears(const LlamaWeights& w) {
+  std::vector<const ops::LinearWeight*> out;
+  for (const LlamaLayerWeights& L : w.layers)
+    for (const ops::LinearWeight* lw : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) out.push_back(lw);
+  return out;
+}
+
+// The linear a block-linear slot was loaded into.
+const ops::LinearWeight& linear_of(const LlamaWeights& w, const TensorSlot& s) {
+  const LlamaLayerWeights& L = w.layers[size_t(s.layer)];
+  switch (s.kind) {
+    case TensorKind::Q: return L.q;
+    case TensorKind::K: return L.k;
+    case TensorKind::V: return L.v;
+    case TensorKind::O: return L.o;
+    case TensorKind::Gate: return L.gate;
+    case TensorKind::Up: return L.up;
+    default: return L.down;
+  }
+}
+
+int64_t blocks_of(const ops::LinearWeight& lw) { return quant4_num_blocks(lw.out * lw.in, lw.block); }
+
+// The kept form of one linear as the NestedAbsmax it came from.
+NestedAbsmax kept_form(const ops::LinearWeight& lw) {
+  const int64_t nb = blocks_of(lw);
+  NestedAbsmax nq;
+  nq.codes.assign(lw.absmax8, lw.absmax8 + nb);
+  nq.nested_absmax.assign(lw.nested_absmax, lw.nested_absmax + quant4_num_blocks(nb, lw.nested_block));
+  nq.code8.assign(lw.code8, lw.code8 + 256);
+  nq.offset = lw.offset;
+  nq.nested_block = lw.nested_block;
+  return nq;
+}
+
+// Every block's fp32 scale is bit for bit double_dequantize of the kept form
+// (memcmp: -0 vs +0 or a NaN payload would show).
+void expect_scales_decode_kept_form(const LlamaWeights& w) {
+  for (const ops::LinearWeight* lw : linears(w)) {
+    ASSERT_TRUE(lw->quantized());
+    ASSERT_TRUE(lw->double_quant());
+    EXPECT_EQ(lw->nested_block, kNestedBlock);
+    const int64_t nb = blocks_of(*lw);
+    std::vector<float> want(static_cast<size_t>(nb));
+    double_dequantize(kept_form(*lw), want.data());
+    EXPECT_EQ(std::memcmp(want.data(), lw->absmax, size_t(nb) * sizeof(float)), 0);
+  }
+}
+
+TEST(WeightsNested, QuantizeOnLoadKeepsTheDoubleQuantizedForm) {
+  testing::ScratchDir d;
+  write_builtin_model("tiny", d / "tiny");
+  const LlamaWeights w = load_llama_weights(d / "tiny");  // NF4 + double quant
+  expect_scales_decode_kept_form(w);
+  WeightLoadOptions dq;
+  EXPECT_EQ(w.arena.used(), base_weight_arena_bytes(w.cfg, dq));
+  // The kept form is the double quantization of the file's values, not just
+  // something that decodes consistently.
+  const SafetensorsModel m(d / "tiny");
+  for (const TensorSlot& s : expected_tensors(w.cfg)) {
+    if (!s.is_block_linear) continue;
+    const auto& e = m.at(s.name);
+    std::vector<float> v(size_t(e.info->numel()));
+    convert_to_f32(m.data(s.name).data(), e.info->dtype, v.size(), v.data());
+    const Quant4Tensor q = quantize_tensor(v.data(), s.shape, Quant4Type::NF4, 64, true);
+    const NestedAbsmax kept = kept_form(linear_of(w, s));
+    EXPECT_EQ(kept.codes, q.nested->codes) << s.name;
+    EXPECT_EQ(kept.nested_absmax, q.nested->nested_absmax) << s.name;
+    EXPECT_EQ(std::memcmp(&kept.offset, &q.nested->offset, sizeof(float)), 0) << s.name;
+  }
+
+  // Without double quantization, and dense: no kept form, and the arena says so.
+  for (const bool quantize : {true, false}) {
+    WeightLoadOptions opt;
+    opt.quantize = quantize;
+    opt.double_quant = false;
+    const LlamaWeights p = load_llama_weights(d / "tiny", opt);
+    for (const ops::LinearWeight* lw : linears(p)) {
+      EXPECT_EQ(lw->quantized(), quantize);
+      EXPECT_FALSE(lw->double_quant());
+      EXPECT_EQ(lw->nested_absmax, nullptr);
+      EXPECT_EQ(lw->code8, nullptr);
+    }
+    EXPECT_EQ(p.arena.used(), base_weight_arena_bytes(p.cfg, opt));
+    if (quantize) {
+      EXPECT_LT(p.arena.used(), w.arena.used());
+    }
+  }
+}
+
+// Rewrites a checkpoint folder's model.safetensors through `edit`.
+void rewrite_model(const std::filesystem::path& dir,
+                   const std::function<void(std::vector<OwnedTensor>&)>& edit) {
+  std::vector<OwnedTensor> ts;
+  {
+    const SafetensorsModel m(dir);
+    for (const std::string& n : m.names()) {
+      const auto& e = m.at(n);
+      const auto b = m.data(n);
+      ts.push_back({n, e.info->dtype, e.info->shape, std::vector<uint8_t>(b.begin(), b.end())});
+    }
+  }
+  edit(ts);
+  save_safetensors(dir / "model.safetensors", ts);
+}
+
+OwnedTensor* find_tensor(std::vector<OwnedTensor>& ts, const std::string& name) {
+  for (OwnedTensor& t : ts)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+// A bitsandbytes checkpoint's nested state is kept as the files hold it, per
+// tensor (its own offset, its own code book), and decodes to the fp32 scales.
+TEST(WeightsNested, BitsandbytesCheckpointKeepsItsOwnNestedState) {
+  testing::ScratchDir d;
+  write_builtin_model("tiny", d / "tiny");
+  quantize_model(d / "tiny", d / "q", {});
+  // One tensor's code book differs from ours in the last bit of one entry (as
+  // a torch build elsewhere may write it, quant/dynamic_map.cpp).
+  const std::string odd = "model.layers.2.mlp.down_proj.weight";
+  float changed = 0;
+  rewrite_model(d / "q", [&](std::vector<OwnedTensor>& ts) {
+    OwnedTensor* map = find_tensor(ts, odd + ".nested_quant_map");
+    ASSERT_NE(map, nullptr);
+    float v;
+    std::memcpy(&v, map->bytes.data() + 4 * 200, 4);
+    changed = std::nextafter(v, 2.0f);
+    std::memcpy(map->bytes.data() + 4 * 200, &changed, 4);
+  });
+  const LlamaWeights w = load_llama_weights(d / "q", {});
+  expect_scales_decode_kept_form(w);
+  const SafetensorsModel m(d / "q");
+  size_t checked = 0;
+  for (const TensorSlot& s : expected_tensors(w.cfg)) {
+    if (!s.is_block_linear) continue;
+    const Quant4Tensor q = load_bnb_weight(m, s.name);
+    ASSERT_TRUE(q.nested.has_value()) << s.name;
+    const ops::LinearWeight& lw = linear_of(w, s);
+    const NestedAbsmax kept = kept_form(lw);
+    EXPECT_EQ(kept.codes, q.nested->codes) << s.name;
+    EXPECT_EQ(kept.nested_absmax, q.nested->nested_absmax) << s.name;
+    EXPECT_EQ(kept.code8, q.nested->code8) << s.name;
+    EXPECT_EQ(std::memcmp(&kept.offset, &q.nested->offset, sizeof(float)), 0) << s.name;
+    if (s.name == odd) {
+      EXPECT_EQ(lw.code8[200], changed);
+    }
+    ++checked;
+  }
+  EXPECT_EQ(checked, size_t(7 * w.cfg.num_hidden_layers));
+  WeightLoadOptions dq;
+  EXPECT_EQ(w.arena.used(), base_weight_arena_bytes(w.cfg, dq));
+
+  // Plain fp32 absmax in the files: nothing to keep, whatever the options ask.
+  QuantizeOptions plain;
+  plain.double_quant = false;
+  quantize_model(d / "tiny", d / "p", plain);
+  const LlamaWeights p = load_llama_weights(d / "p", dq);
+  for (const ops::LinearWeight* lw : linears(p)) EXPECT_FALSE(lw->double_quant());
+  WeightLoadOptions no_dq;
+  no_dq.double_quant = false;
+  EXPECT_EQ(p.arena.used(), base_weight_arena_bytes(p.cfg, no_dq));
+
+  // Some tensors nested, some not: fp32 scales only (decoded where nested),
+  // the same scales the all-nested checkpoint gives for the nested tensor.
+  const std::string nested_one = "model.layers.0.self_attn.q_proj.weight";
+  const SafetensorsModel qm(d / "q");
+  rewrite_model(d / "p", [&](std::vector<OwnedTensor>& ts) {
+    std::erase_if(ts, [&](const OwnedTensor& t) { return t.name.rfind(nested_one + ".", 0) == 0; });
+    for (const std::string& n : qm.names())
+      if (n.rfind(nested_one + ".", 0) == 0) {
+        const auto b = qm.data(n);
+        ts.push_back(
+            {n, qm.at(n).info->dtype, qm.at(n).info->shape, std::vector<uint8_t>(b.begin(), b.end())});
+      }
+  });
+  const LlamaWeights mixed = load_llama_weights(d / "p", dq);
+  for (const ops::LinearWeight* lw : linears(mixed)) EXPECT_FALSE(lw->double_quant());
+  EXPECT_EQ(mixed.arena.used(), base_weight_arena_bytes(mixed.cfg, no_dq));
+  const int64_t nb = blocks_of(mixed.layers[0].q);
+  EXPECT_EQ(std::memcmp(mixed.layers[0].q.absmax, w.layers[0].q.absmax, size_t(nb) * sizeof(float)), 0);
 }
 
 }  // namespace

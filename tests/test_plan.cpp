@@ -13,6 +13,7 @@
 
 #include "model/builtin.h"
 #include "model/tensor_table.h"
+#include "plan/cuda_constants.h"
 #include "plan/plan.h"
 #include "testing.h"
 #include "tools/quantize_model.h"
@@ -241,6 +242,54 @@ TEST(PlanCuda, SwitchesMoveMemoryTheWayTheyShould) {
   // Double quantization saves ~0.373 bits per weight (fp32 -> 8-bit absmax + second level).
   const double params = double(bytes_of(base, "nf4 codes")) * 2;
   EXPECT_NEAR(double(make_plan(x).device_bytes - base.device_bytes) * 8 / params, 0.373, 0.02);
+}
+
+// The lines the GPU's own allocations must match, each against its formula
+// from the config (not a copied number): LoRA gradients fp32 (CudaLlamaModel
+// keeps them fp32), the paged optimizer's two device page slots of m and v
+// (PagedAdamState, page size from plan/cuda_constants.h), and the block
+// scales as CudaLlamaModel uploads them (8-bit codes + per tensor fp32 per 256
+// blocks + the 256-entry code book; fp32 per block without double quant).
+TEST(PlanCuda, LoraGradientsPagedSlotsAndScalesAsTheGpuHoldsThem) {
+  struct Case {
+    const char* preset;
+    int64_t rank;
+    bool q_only;  // few enough parameters for one page smaller than the page size
+  };
+  for (const Case& k :
+       {Case{"llama-3.1-8b", 1, true}, Case{"llama-3.1-8b", 16, false}, Case{"llama-2-70b", 64, false}}) {
+    SCOPED_TRACE(std::string(k.preset) + " r " + std::to_string(k.rank));
+    PlanInput in = cuda_input(k.preset, k.rank, 1, 512, OptimizerKind::paged_adamw, "h200-141");
+    if (k.q_only) in.lora.targets = {true, false, false, false, false, false, false};
+    const ModelConfig& c = in.model;
+    uint64_t P = 0;
+    for (int t = 0; t < kNumLoraTargets; ++t)
+      if (in.lora.targets[size_t(t)]) {
+        const auto [d_in, d_out] = lora_target_dims(c, LoraTarget(t));
+        P += uint64_t(k.rank) * uint64_t(d_in + d_out);
+      }
+    P *= uint64_t(c.num_hidden_layers);
+    const MemoryPlan p = make_plan(in);
+    SCOPED_TRACE(plan_table(p));
+    EXPECT_EQ(bytes_of(p, "LoRA gradients"), 4 * P);
+    const uint64_t page = std::min<uint64_t>(P, uint64_t(plan_cuda::kPagedOptimizerPageParams));
+    EXPECT_EQ(k.q_only, page == P);
+    EXPECT_EQ(bytes_of(p, "paged_adamw state (two pages on the device)"), 2 * 2 * page * 4);
+    EXPECT_EQ(bytes_of(p, "paged_adamw state (paged out)"), 2 * P * 4);
+
+    uint64_t blocks = 0, nested = 0;
+    for (const TensorSlot& s : expected_tensors(c)) {
+      if (!s.is_block_linear) continue;
+      const uint64_t b = (uint64_t(shape_numel(s.shape)) + 63) / 64;
+      blocks += b;
+      nested += (b + 255) / 256 * 4 + 256 * 4;
+    }
+    EXPECT_EQ(bytes_of(p, "absmax, 8-bit (double quant)"), blocks);
+    EXPECT_EQ(bytes_of(p, "second-level scales + code"), nested);
+    PlanInput plain = in;
+    plain.double_quant = false;
+    EXPECT_EQ(bytes_of(make_plan(plain), "absmax"), 4 * blocks);
+  }
 }
 
 // Each preset against the published parameter count of its model card, and

@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -85,6 +87,17 @@ inline std::vector<float> randn(int64_t n, unsigned seed, float sigma = 1.0f) {
   std::vector<float> x(static_cast<size_t>(n));
   for (auto& v : x) v = d(rng);
   return x;
+}
+
+// ||got - want|| / ||want|| (L2, in double): the whole-model comparisons of
+// the GPU against the CPU reference.
+inline double rel_l2(const std::vector<float>& want, const std::vector<float>& got) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
 }
 
 // A tensor of a golden file as T values; a missing one fails the test with

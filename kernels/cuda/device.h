@@ -52,8 +52,12 @@ namespace qlora {
 void* cuda_malloc(size_t bytes);
 
 // n elements of T in device memory (plain cudaMalloc, never managed memory),
-// freed when the buffer dies. Move-only. The copies are synchronous
-// (cudaMemcpy): they wait for work already queued on the legacy default stream.
+// freed when the buffer dies. Move-only. The copies are fully synchronous,
+// whatever stream the data is used on: CudaContext's streams are non-blocking,
+// so they neither wait for the legacy stream that cudaMemcpy uses nor are
+// waited for by it, and a pageable host-to-device cudaMemcpy may return before
+// its DMA has landed. upload returns when the data is on the device; download
+// first waits for all work queued on the device, so it sees every result.
 template <typename T>
 class DeviceBuffer {
  public:
@@ -83,15 +87,20 @@ class DeviceBuffer {
   size_t size() const { return size_; }
   size_t bytes() const { return size_ * sizeof(T); }
 
-  // Copies n elements from host memory into the first n elements.
+  // Copies n elements from host memory into the first n elements; they are
+  // on the device when it returns.
   void upload(const T* host, size_t n) {
     check_count(n, "upload");
-    if (n > 0) QLORA_CUDA_CHECK(cudaMemcpy(data_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+    if (n == 0) return;
+    QLORA_CUDA_CHECK(cudaMemcpy(data_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+    QLORA_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
   }
-  // Copies the first n elements into host memory.
+  // Copies the first n elements into host memory, after all queued work.
   void download(T* host, size_t n) const {
     check_count(n, "download");
-    if (n > 0) QLORA_CUDA_CHECK(cudaMemcpy(host, data_, n * sizeof(T), cudaMemcpyDeviceToHost));
+    if (n == 0) return;
+    QLORA_CUDA_CHECK(cudaDeviceSynchronize());
+    QLORA_CUDA_CHECK(cudaMemcpy(host, data_, n * sizeof(T), cudaMemcpyDeviceToHost));
   }
 
   // Frees the memory now (errors are ignored: this also runs in destructors).

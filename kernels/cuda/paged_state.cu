@@ -67,7 +67,8 @@ void PagedAdamState::step(float* master, uint16_t* param_bf16, const float* grad
   if (n_ == 0) return;
 
   const cudaStream_t copy = ctx_.copy_stream(), compute = ctx_.stream();
-  const int64_t pages = (n_ + page_ - 1) / page_;
+  // Not (n_ + page_ - 1) / page_: that overflows for a page size near INT64_MAX ("one page").
+  const int64_t pages = n_ / page_ + (n_ % page_ != 0 ? 1 : 0);
   float* const hm = host_m();
   float* const hv = host_v();
   auto first_of = [&](int64_t i) { return i * page_; };

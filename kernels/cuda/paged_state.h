@@ -24,6 +24,7 @@
 #include "kernels/cuda/context.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/optim_cuda.h"
+#include "plan/cuda_constants.h"
 
 namespace qlora {
 
@@ -37,7 +38,9 @@ namespace qlora {
 // step is in flight: after ctx.synchronize().
 class PagedAdamState {
  public:
-  PagedAdamState(CudaContext& ctx, int64_t n, int64_t page_params = int64_t(1) << 20);
+  // The page size is the planner's (plan/cuda_constants.h), so the plan's device
+  // bytes for the paged state are plan_cuda::paged_optimizer_device_bytes(n) == device_bytes().
+  PagedAdamState(CudaContext& ctx, int64_t n, int64_t page_params = plan_cuda::kPagedOptimizerPageParams);
   ~PagedAdamState();
   PagedAdamState(const PagedAdamState&) = delete;
   PagedAdamState& operator=(const PagedAdamState&) = delete;

@@ -10,6 +10,10 @@
 #include "core/error.h"
 #include "model/builtin.h"
 #include "model/llama_generate.h"
+#include "train/backend.h"
+#if QLORA_HAVE_CUDA
+#include "model/llama_cuda.h"
+#endif
 #include "tokenizer/tokenizer.h"
 
 namespace qlora::cli {
@@ -35,9 +39,9 @@ std::vector<int32_t> parse_ids(const std::string& s) {
 }
 
 Runner add_generate(CLI::App& app) {
-  auto* cmd = app.add_subcommand("generate", "Generate text from a model (+ LoRA adapter) on the CPU, with a KV cache");
+  auto* cmd = app.add_subcommand("generate", "Generate text from a model (+ LoRA adapter) on the GPU or the CPU");
   struct Args {
-    std::string model, adapter, prompt, prompt_ids;
+    std::string model, adapter, prompt, prompt_ids, device = "auto";
     int64_t max_new = 64;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 0;
@@ -55,8 +59,19 @@ Runner add_generate(CLI::App& app) {
   cmd->add_option("--seed", a->seed, "Sampling seed");
   cmd->add_flag("--dense", a->dense, "Keep the base weights fp32 instead of NF4");
   cmd->add_flag("--ignore-eos", a->ignore_eos, "Do not stop at the end-of-sequence token");
+  cmd->add_option("--device", a->device,
+                  "auto (the GPU when one is usable, else the CPU with a warning), cpu (fp32, KV cache) or cuda "
+                  "(bf16)")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
   return [a]() {
     if (a->prompt.empty() && a->prompt_ids.empty()) fail("give --prompt or --prompt-ids");
+    // Before loading anything: `cuda` that cannot run fails at once, naming why.
+    const auto why_no_gpu = cuda_backend_unavailable();
+    if (a->device == "cuda" && why_no_gpu) fail("--device cuda: ", *why_no_gpu);
+    const bool gpu = a->device != "cpu" && !why_no_gpu;
+    if (a->device == "auto" && why_no_gpu)
+      std::fprintf(stderr, "warning: --device auto: %s; generating on the CPU\n", why_no_gpu->c_str());
     const auto dir = resolve_model_path(a->model);
     WeightLoadOptions opt;
     opt.quantize = !a->dense;
@@ -75,9 +90,15 @@ Runner add_generate(CLI::App& app) {
     if (total > w.cfg.max_position_embeddings)
       fail("prompt (", prompt.size(), " tokens) + --max-new-tokens ", a->max_new, " exceeds the model's ",
            w.cfg.max_position_embeddings, " positions (", dir.string(), "/config.json)");
-    LlamaGenerator gen(w, lora.get(), total);
+    std::unique_ptr<TokenGenerator> gen;
+#if QLORA_HAVE_CUDA
+    if (gpu) gen = make_cuda_generator(w, lora.get(), total);
+#else
+    (void)gpu;
+#endif
+    if (!gen) gen = std::make_unique<LlamaGenerator>(w, lora.get(), total);
     std::vector<float> logits(size_t(w.cfg.vocab_size));
-    gen.feed(prompt.data(), int64_t(prompt.size()), logits.data());
+    gen->feed(prompt.data(), int64_t(prompt.size()), logits.data());
     std::mt19937_64 rng(a->seed);
     std::vector<int32_t> out;
     const auto& eos = w.cfg.eos_token_ids;
@@ -85,7 +106,7 @@ Runner add_generate(CLI::App& app) {
       const int32_t id = sample_token(logits.data(), w.cfg.vocab_size, {a->temperature, a->top_p}, rng);
       out.push_back(id);
       if (!a->ignore_eos && std::find(eos.begin(), eos.end(), id) != eos.end()) break;
-      if (s + 1 < a->max_new) gen.feed(&id, 1, logits.data());
+      if (s + 1 < a->max_new) gen->feed(&id, 1, logits.data());
     }
     std::string ids;
     for (int32_t id : out) ids += (ids.empty() ? "" : " ") + std::to_string(id);

@@ -10,15 +10,18 @@ namespace {
 size_t round_up(size_t n) { return (n + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign; }
 }  // namespace
 
-void Arena::Free::operator()(std::byte* p) const { std::free(p); }
+void Arena::Free::operator()(std::byte*) const { std::free(raw); }
 
 Arena::Arena(size_t bytes, std::string_view name) : capacity_(round_up(bytes)), name_(name) {
-  // One extra alignment unit so a zero-byte arena still owns a buffer (and so
-  // is not mistaken for a measuring one).
-  void* p = std::aligned_alloc(kAlign, capacity_ + kAlign);
-  if (!p) fail("arena ", name, ": cannot allocate ", capacity_, " bytes");
-  std::memset(p, 0, capacity_ + kAlign);
-  data_.reset(static_cast<std::byte*>(p));
+  // calloc, not aligned_alloc + memset: a large block comes zeroed from the
+  // kernel's zero pages, so a 35 GiB weight arena is not written once by one
+  // thread before the loader (or the parallel random fill) writes it again.
+  // Two extra alignment units: one to align by hand, one so a zero-byte arena
+  // still owns a buffer (and so is not mistaken for a measuring one).
+  void* raw = std::calloc(capacity_ + 2 * kAlign, 1);
+  if (!raw) fail("arena ", name, ": cannot allocate ", capacity_, " bytes");
+  const uintptr_t at = (reinterpret_cast<uintptr_t>(raw) + kAlign - 1) / kAlign * kAlign;
+  data_ = std::unique_ptr<std::byte, Free>(reinterpret_cast<std::byte*>(at), Free{raw});
 }
 
 void* Arena::take_bytes(size_t bytes, std::string_view what) {

@@ -50,6 +50,7 @@ class Arena {
  private:
   void* take_bytes(size_t bytes, std::string_view what);
   struct Free {
+    void* raw;  // what calloc returned (data_ is aligned within it); value-initialized: null
     void operator()(std::byte* p) const;
   };
   std::unique_ptr<std::byte, Free> data_;

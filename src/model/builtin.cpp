@@ -10,6 +10,7 @@
 #include "core/cache_dir.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/splitmix.h"
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/tensor_table.h"
@@ -20,27 +21,6 @@ namespace qlora {
 namespace fs = std::filesystem;
 
 namespace {
-
-// splitmix64 + Box-Muller: the same weights on every platform and standard
-// library (std::normal_distribution is implementation-defined).
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : s_(seed) {}
-  uint64_t next() {
-    uint64_t z = (s_ += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (double(next() >> 11) + 0.5) * 0x1.0p-53; }  // (0, 1)
-  double normal() {
-    const double u = uniform(), v = uniform();
-    return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
-  }
-
- private:
-  uint64_t s_;
-};
 
 nlohmann::ordered_json tiny_config() {
   return {
@@ -223,7 +203,7 @@ void write_builtin_model(std::string_view name, const fs::path& dest) {
   // the adapters do (a loss floor near 4 nats), so the demo could never become
   // confident. Measured with recipes/demo.yaml's settings: validation loss
   // 6.3 -> 5.8 with 0.02, 6.9 -> 4.8 with 0.1.
-  Rng rng(20261126);
+  SplitMix64 rng(20261126);  // core/splitmix.h: the same weights on every platform
   std::vector<OwnedTensor> tensors;
   for (const TensorSlot& slot : expected_tensors(cfg)) {
     const auto n = size_t(shape_numel(slot.shape));

@@ -73,10 +73,22 @@ class DeviceStore {
       d.dense = put_bf16(w.dense, n);
       return d;
     }
+    const int64_t blocks = quant4_num_blocks(n, w.block);
     d.codes = put(w.codes, quant4_code_bytes(n));
-    d.absmax = put(w.absmax, quant4_num_blocks(n, w.block));
     d.block = w.block;
     d.type = w.type;
+    if (w.double_quant()) {
+      // The kept double-quantized form only (1 byte per block, not 4): the
+      // kernels decode each scale with the fp32 operations of
+      // double_dequantize, so they read the CPU's absmax bit for bit.
+      d.absmax8 = put(w.absmax8, blocks);
+      d.nested_absmax = put(w.nested_absmax, quant4_num_blocks(blocks, w.nested_block));
+      d.code8 = put(w.code8, 256);
+      d.offset = w.offset;
+      d.nested_block = w.nested_block;
+    } else {
+      d.absmax = put(w.absmax, blocks);
+    }
     return d;
   }
   size_t bytes() const { return bytes_; }
@@ -135,6 +147,7 @@ struct CudaLlamaModel::Impl {
 
   std::vector<int32_t> h_pos, h_doc;
   std::vector<float> h_losses;
+  DeviceBuffer<float> logits;  // (V) fp32, allocated by the first last_logits
 
   Impl(CudaContext& c, const ModelConfig& m, LlamaRunOptions o, int64_t mb, int64_t mt)
       : ctx(c), cfg(m), opt(o), max_B(mb), max_T(mt), max_N(mb * mt) {}
@@ -287,6 +300,10 @@ struct CudaLlamaModel::Impl {
   }
 
   Acts& acts_of(int64_t l) { return opt.checkpointing ? acts[0] : acts[size_t(l)]; }
+
+  void run_trunk(const LlamaBatch& b, bool training, uint64_t step);
+  // Throws for the first bad token (first_bad[0]) or target (first_bad[1]) the kernels found.
+  void check_tokens(const LlamaBatch& b, const int32_t first_bad[2]) const;
 };
 
 CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const LoraWeights* lora, int64_t max_B,
@@ -294,6 +311,7 @@ CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const Lo
     : impl_(std::make_unique<Impl>(ctx, w.cfg, opt, max_B, max_T)) {
   Impl& m = *impl_;
   const ModelConfig& cfg = w.cfg;
+  max_T_ = max_T;
   if (max_B <= 0 || max_T <= 0) fail("batch shape must be positive, got B=", max_B, " T=", max_T);
   if (max_T > cfg.max_position_embeddings)
     fail("sequence length ", max_T, " exceeds the model's max_position_embeddings ", cfg.max_position_embeddings);
@@ -362,6 +380,9 @@ CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const Lo
   m.h_pos.resize(size_t(N));
   m.h_doc.resize(size_t(N));
   m.h_losses.resize(size_t(N));
+  // The raw cudaMemcpy of the RoPE tables (legacy stream) lands before ctx's
+  // non-blocking streams use them.
+  QLORA_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 CudaLlamaModel::~CudaLlamaModel() = default;
@@ -392,35 +413,56 @@ void CudaLlamaModel::download_grads(float* host) const {
   impl_->grads.download(host, size_t(lora_n_));
 }
 
+size_t CudaLlamaModel::weight_bytes() const { return impl_->weights.bytes(); }
+
 size_t CudaLlamaModel::device_bytes() const {
   const size_t lora = size_t(lora_n_) * (2 * sizeof(float) + sizeof(uint16_t));
   return impl_->weights.bytes() + lora + impl_->arena.capacity() + impl_->ctx.workspace_bytes();
 }
 
-double CudaLlamaModel::forward(const LlamaBatch& b, int64_t n_targets_step) {
-  Impl& m = *impl_;
-  if (b.B <= 0 || b.T <= 0 || b.B > m.max_B || b.T > m.max_T)
-    fail("batch ", b.B, "x", b.T, " does not fit the model's reserved ", m.max_B, "x", m.max_T);
-  m.B = b.B;
-  m.T = b.T;
-  m.N = b.B * b.T;
-  const int64_t N = m.N, C = m.cfg.hidden_size, L = m.cfg.num_hidden_layers, V = m.cfg.vocab_size;
-  batch_positions(b, m.h_pos.data(), m.h_doc.data());
-  cudaStream_t st = m.ctx.stream();
+// Checks the batch's shape and positions, uploads its ids and positions, and
+// queues embedding, the layers and the final norm (into lnf). Targets are the
+// caller's.
+void CudaLlamaModel::Impl::run_trunk(const LlamaBatch& b, bool training, uint64_t step) {
+  if (b.B <= 0 || b.T <= 0 || b.B > max_B || b.T > max_T)
+    fail("batch ", b.B, "x", b.T, " does not fit the model's reserved ", max_B, "x", max_T);
+  B = b.B;
+  T = b.T;
+  N = b.B * b.T;
+  have_forward = false;
+  const int64_t C = cfg.hidden_size, L = cfg.num_hidden_layers, V = cfg.vocab_size;
+  batch_positions(b, h_pos.data(), h_doc.data());
+  cudaStream_t st = ctx.stream();
   const size_t ids = size_t(N) * sizeof(int32_t);
   // Pageable sources: each copy has read its source when the call returns.
-  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.tokens, b.tokens, ids, cudaMemcpyHostToDevice, st));
-  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.targets, b.targets, ids, cudaMemcpyHostToDevice, st));
-  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.pos, m.h_pos.data(), ids, cudaMemcpyHostToDevice, st));
-  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.doc_start, m.h_doc.data(), ids, cudaMemcpyHostToDevice, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(tokens, b.tokens, ids, cudaMemcpyHostToDevice, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(pos, h_pos.data(), ids, cudaMemcpyHostToDevice, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(doc_start, h_doc.data(), ids, cudaMemcpyHostToDevice, st));
   const int32_t none[2] = {INT32_MAX, INT32_MAX};
-  QLORA_CUDA_CHECK(cudaMemcpyAsync(m.bad, none, sizeof(none), cudaMemcpyHostToDevice, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(bad, none, sizeof(none), cudaMemcpyHostToDevice, st));
+  cuda_ops::embedding_forward(resid[0], tokens, embed, N, C, V, bad, st);
+  for (int64_t l = 0; l < L; ++l) layer_forward(l, resid[size_t(l)], resid[size_t(l + 1)], acts_of(l), training, step);
+  cuda_ops::rmsnorm_forward(lnf, rstdf, resid[size_t(L)], final_norm, N, C, float(cfg.rms_norm_eps), st);
+}
 
+void CudaLlamaModel::Impl::check_tokens(const LlamaBatch& b, const int32_t first_bad[2]) const {
+  const int64_t V = cfg.vocab_size;
+  if (first_bad[0] != INT32_MAX)
+    fail("token id ", b.tokens[first_bad[0]], " at position ", first_bad[0], " is outside the vocabulary [0, ", V,
+         ")");
+  if (first_bad[1] != INT32_MAX)
+    fail("target id ", b.targets[first_bad[1]], " at position ", first_bad[1], " is outside the vocabulary [0, ", V,
+         ") and is not ", ops::kIgnoreIndex);
+}
+
+double CudaLlamaModel::forward(const LlamaBatch& b, int64_t n_targets_step) {
+  Impl& m = *impl_;
   if (training_) ++step_;
-  cuda_ops::embedding_forward(m.resid[0], m.tokens, m.embed, N, C, V, m.bad, st);
-  for (int64_t l = 0; l < L; ++l)
-    m.layer_forward(l, m.resid[size_t(l)], m.resid[size_t(l + 1)], m.acts_of(l), training_, step_);
-  cuda_ops::rmsnorm_forward(m.lnf, m.rstdf, m.resid[size_t(L)], m.final_norm, N, C, float(m.cfg.rms_norm_eps), st);
+  m.run_trunk(b, training_, step_);
+  const int64_t N = m.N, C = m.cfg.hidden_size, V = m.cfg.vocab_size;
+  cudaStream_t st = m.ctx.stream();
+  QLORA_CUDA_CHECK(
+      cudaMemcpyAsync(m.targets, b.targets, size_t(N) * sizeof(int32_t), cudaMemcpyHostToDevice, st));
   cuda_ops::lm_head_cross_entropy_forward(m.ctx, m.losses, m.lse_ce, m.lnf, m.lm_head, m.targets, m.opt.ce, N, C, V,
                                           m.bad + 1);
   int32_t first_bad[2] = {0, 0};
@@ -428,12 +470,7 @@ double CudaLlamaModel::forward(const LlamaBatch& b, int64_t n_targets_step) {
                                    st));
   QLORA_CUDA_CHECK(cudaMemcpyAsync(first_bad, m.bad, sizeof(first_bad), cudaMemcpyDeviceToHost, st));
   QLORA_CUDA_CHECK(cudaStreamSynchronize(st));
-  if (first_bad[0] != INT32_MAX)
-    fail("token id ", b.tokens[first_bad[0]], " at position ", first_bad[0], " is outside the vocabulary [0, ", V,
-         ")");
-  if (first_bad[1] != INT32_MAX)
-    fail("target id ", b.targets[first_bad[1]], " at position ", first_bad[1], " is outside the vocabulary [0, ", V,
-         ") and is not ", ops::kIgnoreIndex);
+  m.check_tokens(b, first_bad);
 
   double sum = 0;
   n_targets_ = 0;
@@ -445,6 +482,71 @@ double CudaLlamaModel::forward(const LlamaBatch& b, int64_t n_targets_step) {
   m.grad_scale = float(1.0 / double(denom));
   m.have_forward = true;
   return sum / double(denom);
+}
+
+void CudaLlamaModel::last_logits(const int32_t* tokens, int64_t T, float* logits) {
+  Impl& m = *impl_;
+  LlamaBatch b;
+  b.tokens = tokens;
+  b.B = 1;
+  b.T = T;
+  m.run_trunk(b, /*training=*/false, step_);
+  const int64_t C = m.cfg.hidden_size, V = m.cfg.vocab_size;
+  if (m.logits.size() == 0) m.logits = DeviceBuffer<float>(size_t(V));
+  // The last row of lnf against lm_head: (1,C) x (V,C)^T, fp32 out.
+  cuda_ops::gemm(m.ctx, cuda_ops::Trans::N, cuda_ops::Trans::T, 1, V, C, 1.0f, m.lnf + (T - 1) * C, C, m.lm_head, C,
+                 0.0f, m.logits.data(), cuda_ops::GemmOut::F32, V, "CudaLlamaModel::last_logits");
+  cudaStream_t st = m.ctx.stream();
+  int32_t first_bad[2] = {0, 0};
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(logits, m.logits.data(), size_t(V) * sizeof(float), cudaMemcpyDeviceToHost, st));
+  QLORA_CUDA_CHECK(cudaMemcpyAsync(first_bad, m.bad, sizeof(int32_t), cudaMemcpyDeviceToHost, st));
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(st));
+  first_bad[1] = INT32_MAX;  // no targets
+  m.check_tokens(b, first_bad);
+}
+
+CudaTokenGenerator::CudaTokenGenerator(CudaLlamaModel& model, int64_t max_seq) : model_(model), max_seq_(max_seq) {
+  if (max_seq <= 0 || max_seq > model.max_T())
+    fail("generation of ", max_seq, " tokens does not fit the GPU model's reserved ", model.max_T());
+  ids_.reserve(size_t(max_seq));
+}
+
+void CudaTokenGenerator::feed(const int32_t* tokens, int64_t T, float* logits) {
+  if (T <= 0) fail("nothing to feed");
+  if (length() + T > max_seq_) fail("sequence of ", length() + T, " tokens exceeds the ", max_seq_, " reserved");
+  const size_t before = ids_.size();
+  ids_.insert(ids_.end(), tokens, tokens + T);
+  try {
+    model_.last_logits(ids_.data(), length(), logits);
+  } catch (...) {
+    ids_.resize(before);  // a bad token leaves the sequence as it was
+    throw;
+  }
+}
+
+namespace {
+
+class OwningCudaGenerator final : public TokenGenerator {
+ public:
+  OwningCudaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq)
+      : model_(ctx_, w, lora, 1, max_seq), gen_(model_, max_seq) {
+    model_.set_training(false);
+  }
+  void feed(const int32_t* tokens, int64_t T, float* logits) override { gen_.feed(tokens, T, logits); }
+  int64_t length() const override { return gen_.length(); }
+  int64_t capacity() const override { return gen_.capacity(); }
+
+ private:
+  CudaContext ctx_;
+  CudaLlamaModel model_;
+  CudaTokenGenerator gen_;
+};
+
+}  // namespace
+
+std::unique_ptr<TokenGenerator> make_cuda_generator(const LlamaWeights& w, const LoraWeights* lora,
+                                                    int64_t max_seq) {
+  return std::make_unique<OwningCudaGenerator>(w, lora, max_seq);
 }
 
 void CudaLlamaModel::backward() {

@@ -3,7 +3,8 @@
 // of kernels/cuda/ with bf16 activations and fp32 statistics, residual
 // gradient and LoRA gradients.
 //
-// Device memory: the base weights (4-bit codes + fp32 scales, or bf16),
+// Device memory: the base weights (4-bit codes with their scales in the
+// double-quantized form when the host keeps one, else fp32; or bf16),
 // the LoRA parameters as one flat array in LoraWeights' layout (fp32 master,
 // bf16 copy the products read, fp32 gradients), and one activation arena
 // sized for (max_B, max_T) in the constructor; forward and backward allocate
@@ -22,6 +23,7 @@
 #include "kernels/cuda/linear_cuda.h"
 #include "model/llama.h"
 #include "model/lora.h"
+#include "model/token_generator.h"
 #include "model/trainable.h"
 #include "model/weights.h"
 
@@ -39,6 +41,7 @@ class CudaLlamaModel : public TrainableModel {
   CudaLlamaModel& operator=(const CudaLlamaModel&) = delete;
 
   double forward(const LlamaBatch& batch, int64_t n_targets_step = 0) override;
+  int64_t max_T() const { return max_T_; }
   void backward() override;
   int64_t last_num_targets() const override { return n_targets_; }
   uint64_t forward_count() const override { return step_; }
@@ -60,6 +63,15 @@ class CudaLlamaModel : public TrainableModel {
 
   // Device bytes held: weights, LoRA, activations, op workspace.
   size_t device_bytes() const;
+  // Of which the base weights (the plan's "base weights" lines).
+  size_t weight_bytes() const;
+
+  // Evaluation-mode forward of one sequence of T <= max_T tokens (positions
+  // 0..T-1, one document) with the current LoRA parameters; writes the fp32
+  // logits (vocab_size, host memory) of the token after the last one. Leaves
+  // training() and forward_count() as they were; not between forward and
+  // backward.
+  void last_logits(const int32_t* tokens, int64_t T, float* logits);
 
  private:
   struct Impl;
@@ -69,9 +81,34 @@ class CudaLlamaModel : public TrainableModel {
   float* grads_ = nullptr;
   int64_t lora_n_ = 0;
   int64_t n_targets_ = 0;
+  int64_t max_T_ = 0;
   uint64_t step_ = 0;
   bool training_ = true;
 };
+
+// Generation on the GPU without a KV cache: each feed runs the whole sequence
+// so far through CudaLlamaModel::last_logits. For the replies it serves (the
+// samples of `qlora run`, `qlora generate`: tens to hundreds of tokens) a step
+// is one pass over the base weights plus a small prefix, tens of milliseconds
+// even at 70B, and it needs no memory beyond the model's own.
+class CudaTokenGenerator final : public TokenGenerator {
+ public:
+  // Drives `model` (not owned): capacity is max_seq, at most the model's max_T.
+  CudaTokenGenerator(CudaLlamaModel& model, int64_t max_seq);
+  void feed(const int32_t* tokens, int64_t T, float* logits) override;
+  int64_t length() const override { return int64_t(ids_.size()); }
+  int64_t capacity() const override { return max_seq_; }
+
+ private:
+  CudaLlamaModel& model_;
+  int64_t max_seq_;
+  std::vector<int32_t> ids_;
+};
+
+// A generator that owns its context and its model (B = 1, T = max_seq) on
+// device 0: `qlora generate --device cuda`.
+std::unique_ptr<TokenGenerator> make_cuda_generator(const LlamaWeights& w, const LoraWeights* lora,
+                                                    int64_t max_seq);
 
 }  // namespace qlora
 

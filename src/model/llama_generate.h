@@ -8,18 +8,20 @@
 
 #include "core/arena.h"
 #include "model/lora.h"
+#include "model/token_generator.h"
 #include "model/weights.h"
 
 namespace qlora {
 
-class LlamaGenerator {
+class LlamaGenerator final : public TokenGenerator {
  public:
   // Cache and activations for up to max_seq tokens (prompt + generated),
   // sized here; max_seq beyond max_position_embeddings throws.
   LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq);
   // Appends T tokens to the sequence and writes the logits (V) of the last one.
-  void feed(const int32_t* tokens, int64_t T, float* logits);
-  int64_t length() const { return past_; }
+  void feed(const int32_t* tokens, int64_t T, float* logits) override;
+  int64_t length() const override { return past_; }
+  int64_t capacity() const override { return max_seq_; }
   void reset() { past_ = 0; }
 
  private:

@@ -5,6 +5,9 @@
 // stay fp32 (QLoRA quantizes only the block linears). Double-quantized scales
 // are undone once at load: the CPU reference keeps one fp32 scale per block
 // (0.5 bit/parameter more than the file) so every product reads plain scales.
+// Beside them the arena keeps the double-quantized form they decode to bit for
+// bit (ops::LinearWeight::absmax8 ...; ~0.127 bit/parameter at block 64): the
+// GPU model uploads only that form, as the memory plan counts it.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +26,9 @@ struct WeightLoadOptions {
   bool quantize = true;
   Quant4Type type = Quant4Type::NF4;
   int64_t block = 64;
+  // Quantize-on-load: double-quantize the scales (and keep that form). A
+  // bitsandbytes checkpoint decides for itself: its form is kept when every
+  // 4-bit tensor has nested scales of block 256 (all bitsandbytes writes).
   bool double_quant = true;
 };
 
@@ -48,7 +54,8 @@ struct LlamaWeights {
 
 // Bytes of the arena load_llama_weights allocates for this config and these
 // options (the same layout code in measuring mode; for a bitsandbytes
-// checkpoint pass the checkpoint's type and block). The memory planner's figure.
+// checkpoint pass the checkpoint's type, block and double_quant). The memory
+// planner's figure; random_llama_weights allocates the same.
 size_t base_weight_arena_bytes(const ModelConfig& cfg, const WeightLoadOptions& opt);
 
 // Loads an HF folder: F32/BF16/F16 safetensors (quantized on load as the

@@ -36,4 +36,18 @@ inline constexpr int64_t kCeVocabChunk = 8192;
 // Values per chunk of the streaming quantizer's pinned staging (as quantize_model).
 inline constexpr uint64_t kQuantStreamValues = uint64_t(16) << 20;
 
+// ---- Shared with the GPU code (one definition for the plan and the allocation) ----
+// The paged optimizer (kernels/cuda/paged_state.h, PagedAdamState) moves AdamW's
+// m and v between pinned host memory and the device in pages of this many
+// parameters (4 MiB of m and 4 MiB of v per page).
+inline constexpr int64_t kPagedOptimizerPageParams = int64_t(1) << 20;
+// Its device bytes for `params` parameters: two page slots (double buffering:
+// one page updates while the next copies in), each holding m and v, fp32, of
+// min(page, params) parameters. PagedAdamState::device_bytes() equals this.
+inline constexpr uint64_t paged_optimizer_device_bytes(int64_t params,
+                                                       int64_t page_params = kPagedOptimizerPageParams) {
+  const int64_t slot = params < page_params ? params : page_params;
+  return slot <= 0 ? 0 : 2 * 2 * uint64_t(slot) * sizeof(float);
+}
+
 }  // namespace qlora::plan_cuda

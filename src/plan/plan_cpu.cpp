@@ -27,10 +27,11 @@ void add_cpu_buffers(MemoryPlan& p) {
   p.arenas.weights = base_weight_arena_bytes(c, wopt);
   add(p, "base weights", "base weights arena", p.arenas.weights, in.quantize ? "mixed" : "fp32",
       Lifetime::persistent, Place::host,
-      in.quantize ? str("block linears ", quant,
-                        ": codes n/2 + one fp32 scale per block (double quant undone at load);"
-                        " embeddings, lm_head, norms, biases fp32")
-                  : "every tensor fp32");
+      in.quantize
+          ? str("block linears ", quant, ": codes n/2 + one fp32 scale per block",
+                in.double_quant ? " + the double-quantized form it decodes from (kept for the GPU)" : "",
+                "; embeddings, lm_head, norms, biases fp32")
+          : "every tensor fp32");
 
   const LoraWeights::ArenaBytes lb = LoraWeights::arena_bytes(c, in.lora);
   p.arenas.lora_params = lb.params;

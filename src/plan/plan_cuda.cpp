@@ -30,9 +30,11 @@ BaseBytes base_bytes(const PlanInput& in) {
       const uint64_t blocks = uint64_t(quant4_num_blocks(int64_t(n), in.block));
       b.codes += (n + 1) / 2;
       if (in.double_quant) {
+        // As CudaLlamaModel uploads them (model/llama_cuda.cpp): the 8-bit
+        // codes, an fp32 scale per 256 blocks and the 256-entry fp32 code book
+        // per tensor; the offset is a kernel argument, not device memory.
         b.absmax8 += blocks;
-        // fp32 scale per 256 blocks, the 256-entry fp32 code and the fp32 offset.
-        b.nested += (blocks + kNestedBlock - 1) / kNestedBlock * kF32 + 256 * kF32 + kF32;
+        b.nested += (blocks + kNestedBlock - 1) / kNestedBlock * kF32 + 256 * kF32;
       } else {
         b.absmax32 += blocks * kF32;
       }
@@ -74,7 +76,7 @@ void add_cuda_buffers(MemoryPlan& p) {
       add(p, cat, "absmax, 8-bit (double quant)", bb.absmax8, "uint8", Lifetime::persistent, Place::device,
           str("one byte per block of ", in.block));
       add(p, cat, "second-level scales + code", bb.nested, "fp32", Lifetime::persistent, Place::device,
-          "fp32 per 256 blocks + 256-entry code + offset, per tensor");
+          "per tensor: fp32 per 256 blocks + the 256-entry fp32 code book");
     } else {
       add(p, cat, "absmax", bb.absmax32, "fp32", Lifetime::persistent, Place::device,
           str("one fp32 per block of ", in.block));
@@ -93,18 +95,18 @@ void add_cuda_buffers(MemoryPlan& p) {
   const uint64_t P = p.lora_params;
   add(p, "LoRA", "LoRA A, B", P * kBf16, "bf16", Lifetime::persistent, Place::device,
       str(P, " params (r x (in + out) per adapted linear)"));
-  add(p, "LoRA", "LoRA gradients", P * kBf16, "bf16", Lifetime::persistent, Place::device,
-      "one per parameter");
+  add(p, "LoRA", "LoRA gradients", P * kF32, "fp32", Lifetime::persistent, Place::device,
+      "one fp32 per parameter (accumulated over micro-batches in fp32)");
   add(p, "LoRA", "fp32 master copies", P * kF32, "fp32", Lifetime::persistent, Place::device,
       "the optimizer updates these; bf16 weights are cast from them");
   const uint64_t state = optimizer_state_bytes(in.optimizer, size_t(P));
   const std::string oname = str(optimizer_kind_name(in.optimizer.kind), " state");
   if (in.optimizer.kind == OptimizerKind::paged_adamw) {
     add(p, "optimizer", oname + " (paged out)", state, "fp32", Lifetime::persistent, Place::paged,
-        "m and v in pinned host memory, paged in one layer at a time");
-    add(p, "optimizer", oname + " (one layer paged in)",
-        optimizer_state_bytes(in.optimizer, size_t((P + L - 1) / L)), "fp32", Lifetime::per_layer,
-        Place::device, "m and v of one layer's adapters");
+        str("m and v in pinned host memory, paged in ", kPagedOptimizerPageParams, " params at a time"));
+    add(p, "optimizer", oname + " (two pages on the device)", paged_optimizer_device_bytes(int64_t(P)),
+        "fp32", Lifetime::persistent, Place::device,
+        "two page slots (one updates while the next copies in), m and v of min(page, P) params each");
   } else {
     add(p, "optimizer", oname, state, "fp32", Lifetime::persistent, Place::device,
         in.optimizer.kind == OptimizerKind::sgd ? "momentum buffer when momentum > 0" : "m and v, fp32");

@@ -11,6 +11,7 @@
 
 #include "model/llama.h"
 #include "model/lora.h"
+#include "model/token_generator.h"
 #include "model/trainable.h"
 #include "model/weights.h"
 #include "plan/plan.h"
@@ -26,6 +27,8 @@ class StepEngine {
   // Global L2 norm of the gradients, clipped as torch's clip_grad_norm_ does.
   virtual double clip_grad_norm(double max_norm) = 0;
   virtual void optimizer_step(double lr) = 0;
+  // Waits for the work queued so far (no-op on the CPU): for timing.
+  virtual void synchronize() = 0;
   // Device -> host LoraWeights/Optimizer (no-op on the CPU).
   virtual void pull() = 0;
   // Host -> device (no-op on the CPU).
@@ -34,6 +37,10 @@ class StepEngine {
   virtual uint64_t memory_bytes() const = 0;
   // Planned against measured memory, for the end of the run and the report.
   virtual std::string measured_text(const MemoryPlan& plan) const = 0;
+  // Generation on this engine's model with the LoRA parameters it holds now,
+  // for up to max_seq tokens (the GPU caps it at the run's seq_len: capacity()
+  // says). Not between a forward and its backward.
+  virtual std::unique_ptr<TokenGenerator> generator(int64_t max_seq) = 0;
 };
 
 // The fp32 reference: LlamaModel on lora's and opt's own host arrays.

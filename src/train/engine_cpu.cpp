@@ -1,5 +1,7 @@
 #include "train/engine.h"
 
+#include "model/llama_generate.h"
+
 namespace qlora {
 
 namespace {
@@ -16,10 +18,14 @@ class CpuEngine final : public StepEngine {
     return qlora::clip_grad_norm(lora_.flat_grads(), lora_.flat_size(), max_norm);
   }
   void optimizer_step(double lr) override { opt_.step(lora_.flat_params(), lora_.flat_grads(), lr); }
+  void synchronize() override {}
   void pull() override {}
   void push() override {}
   uint64_t memory_bytes() const override { return arenas().total(); }
   std::string measured_text(const MemoryPlan& plan) const override { return plan_vs_measured_text(plan, arenas()); }
+  std::unique_ptr<TokenGenerator> generator(int64_t max_seq) override {
+    return std::make_unique<LlamaGenerator>(w_, &lora_, max_seq);
+  }
 
  private:
   CpuArenas arenas() const {

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -79,16 +80,17 @@ class CudaEngine final : public StepEngine {
     opt_.set_steps(st.t);
   }
 
+  void synchronize() override { ctx_.synchronize(); }
+
   void pull() override {
     ctx_.synchronize();
     model_.download_lora(lora_.flat_params());
     const auto state = opt_.state();
     for (size_t i = 0; i < state.size(); ++i) {
-      const float* dev = i == 0 ? m_.data() : v_.data();
       if (paged_) {
         std::memcpy(state[i].data, i == 0 ? paged_->host_m() : paged_->host_v(), state[i].n * sizeof(float));
       } else {
-        QLORA_CUDA_CHECK(cudaMemcpy(state[i].data, dev, state[i].n * sizeof(float), cudaMemcpyDeviceToHost));
+        (i == 0 ? m_ : v_).download(state[i].data, state[i].n);
       }
     }
   }
@@ -98,17 +100,20 @@ class CudaEngine final : public StepEngine {
     model_.upload_lora(lora_.flat_params());
     const auto state = opt_.state();
     for (size_t i = 0; i < state.size(); ++i) {
-      float* dev = i == 0 ? m_.data() : v_.data();
       if (paged_) {
         std::memcpy(i == 0 ? paged_->host_m() : paged_->host_v(), state[i].data, state[i].n * sizeof(float));
       } else {
-        QLORA_CUDA_CHECK(cudaMemcpy(dev, state[i].data, state[i].n * sizeof(float), cudaMemcpyHostToDevice));
+        (i == 0 ? m_ : v_).upload(state[i].data, state[i].n);  // on the device when it returns
       }
     }
   }
 
   uint64_t memory_bytes() const override {
     return model_.device_bytes() + m_.bytes() + v_.bytes() + (paged_ ? paged_->device_bytes() : 0);
+  }
+
+  std::unique_ptr<TokenGenerator> generator(int64_t max_seq) override {
+    return std::make_unique<CudaTokenGenerator>(model_, std::min(max_seq, model_.max_T()));
   }
 
   std::string measured_text(const MemoryPlan& plan) const override {

@@ -10,7 +10,7 @@
 
 namespace qlora {
 
-std::string sample_reply(const LlamaWeights& w, const LoraWeights* lora, const Tokenizer& tok,
+std::string sample_reply(const MakeGenerator& make, const ModelConfig& cfg, const Tokenizer& tok,
                          const ChatTemplate& tmpl, const std::string& prompt, int64_t max_new) {
   // Render the prompt with a placeholder reply and keep the untrained prefix:
   // that is exactly what the template puts before an assistant turn.
@@ -22,20 +22,22 @@ std::string sample_reply(const LlamaWeights& w, const LoraWeights* lora, const T
   for (size_t i = 0; i < s.input_ids.size() && s.labels[i] == ops::kIgnoreIndex; ++i) ids.push_back(s.input_ids[i]);
   if (ids.empty()) return {};
 
-  const int64_t total = std::min<int64_t>(int64_t(ids.size()) + max_new, w.cfg.max_position_embeddings);
+  int64_t total = std::min<int64_t>(int64_t(ids.size()) + max_new, cfg.max_position_embeddings);
   if (total <= int64_t(ids.size())) return {};
-  LlamaGenerator gen(w, lora, total);
-  std::vector<float> logits(static_cast<size_t>(w.cfg.vocab_size));
-  gen.feed(ids.data(), int64_t(ids.size()), logits.data());
+  const std::unique_ptr<TokenGenerator> gen = make(total);
+  total = std::min(total, gen->capacity());
+  if (total <= int64_t(ids.size())) return {};
+  std::vector<float> logits(static_cast<size_t>(cfg.vocab_size));
+  gen->feed(ids.data(), int64_t(ids.size()), logits.data());
   std::mt19937_64 rng(0);
   std::vector<int32_t> out;
-  const auto& eos = w.cfg.eos_token_ids;
+  const auto& eos = cfg.eos_token_ids;
   const auto tok_eos = tok.eos_id();
   for (int64_t n = int64_t(ids.size()); n < total; ++n) {
-    const int32_t id = sample_token(logits.data(), w.cfg.vocab_size, {}, rng);
+    const int32_t id = sample_token(logits.data(), cfg.vocab_size, {}, rng);
     if (std::find(eos.begin(), eos.end(), id) != eos.end() || (tok_eos && *tok_eos == id)) break;
     out.push_back(id);
-    if (n + 1 < total) gen.feed(&id, 1, logits.data());
+    if (n + 1 < total) gen->feed(&id, 1, logits.data());
   }
   return tok.decode(out, /*skip_special=*/true);
 }

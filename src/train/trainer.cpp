@@ -115,10 +115,12 @@ void write_run_report(const RunSetup& setup, const Recipe& r, const std::string&
   write_report_html(setup.output_dir / "report.html", d);
 }
 
-void print_samples(const RunSetup& setup, const Recipe& r, const LoraWeights* lora, const char* when,
-                   std::FILE* out) {
+// On the engine's model with the LoRA it holds: before training that is the
+// starting adapter (B = 0, the base model's output, unless lora.init loaded one).
+void print_samples(const RunSetup& setup, const Recipe& r, StepEngine& engine, const char* when, std::FILE* out) {
+  const MakeGenerator make = [&](int64_t max_seq) { return engine.generator(max_seq); };
   for (const auto& prompt : r.logging.sample_prompts) {
-    const std::string reply = sample_reply(setup.weights, lora, *setup.tokenizer, *setup.chat_template, prompt,
+    const std::string reply = sample_reply(make, setup.weights.cfg, *setup.tokenizer, *setup.chat_template, prompt,
                                            r.logging.sample_max_new_tokens);
     std::fprintf(out, "sample (%s)\n  prompt: %s\n  reply:  %s\n", when, prompt.c_str(), reply.c_str());
   }
@@ -212,7 +214,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   };
 
   if (!setup.resume_from) {
-    if (o.samples) print_samples(setup, r, nullptr, "before training", out);
+    if (o.samples) print_samples(setup, r, *engine, "before training", out);
     sum.first_val_loss = evaluate_val(0);
   }
 
@@ -308,7 +310,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   sum.adapter_dir = setup.output_dir / "adapter";
   save_peft_adapter(lora, cfg, sum.adapter_dir, setup.base_name);
   std::fprintf(out, "adapter: %s\n", sum.adapter_dir.string().c_str());
-  if (o.samples) print_samples(setup, r, &lora, "after training", out);
+  if (o.samples) print_samples(setup, r, *engine, "after training", out);
   if (r.output.merge) {
     MergeOptions mo;
     mo.overwrite = true;  // the run folder is ours: a resumed run replaces its earlier merge
