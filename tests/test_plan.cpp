@@ -13,6 +13,7 @@
 
 #include "model/builtin.h"
 #include "model/tensor_table.h"
+#include "model/weights.h"
 #include "plan/cuda_constants.h"
 #include "plan/plan.h"
 #include "testing.h"
@@ -289,6 +290,13 @@ TEST(PlanCuda, LoraGradientsPagedSlotsAndScalesAsTheGpuHoldsThem) {
     PlanInput plain = in;
     plain.double_quant = false;
     EXPECT_EQ(bytes_of(make_plan(plain), "absmax"), 4 * blocks);
+
+    // Host RAM during the load: the CPU arena the weights pass through, and
+    // the largest tensor as fp32 (the lm_head/embedding of these models).
+    EXPECT_EQ(bytes_of(p, "base weights, host copy at load"),
+              base_weight_arena_bytes(c, weight_load_options(in)));
+    EXPECT_EQ(bytes_of(p, "weight load: one tensor in flight"), uint64_t(c.vocab_size * c.hidden_size) * 4);
+    EXPECT_GE(p.host_bytes, base_weight_arena_bytes(c, weight_load_options(in)));
   }
 }
 

@@ -140,6 +140,13 @@ std::vector<float> read_f32(const SafetensorsModel& m, const std::string& name) 
 
 }  // namespace
 
+void release_tensors(LlamaWeights& w) {
+  w.arena = Arena();
+  w.embed = w.lm_head = w.final_norm = nullptr;
+  w.layers.clear();
+  w.layers.shrink_to_fit();
+}
+
 size_t base_weight_arena_bytes(const ModelConfig& cfg, const WeightLoadOptions& opt) {
   Arena measure;
   weights_detail::layout_weights(measure, expected_tensors(cfg), opt);

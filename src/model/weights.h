@@ -52,6 +52,10 @@ struct LlamaWeights {
   bool quantized = false;
 };
 
+// Frees w's tensors (the arena and every view into it), keeping w.cfg: once a
+// device model holds its own copy, the host copy is dead weight (35 GiB at 70B).
+void release_tensors(LlamaWeights& w);
+
 // Bytes of the arena load_llama_weights allocates for this config and these
 // options (the same layout code in measuring mode; for a bitsandbytes
 // checkpoint pass the checkpoint's type, block and double_quant). The memory

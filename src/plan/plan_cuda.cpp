@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "model/tensor_table.h"
+#include "model/weights.h"
 #include "plan/cuda_constants.h"
 #include "plan/plan_internal.h"
 
@@ -166,8 +167,16 @@ void add_cuda_buffers(MemoryPlan& p) {
           " MiB; to be calibrated"));
 
   // ---- host
-  add(p, "host", "quantization stream staging", 2 * kQuantStreamValues * kBf16, "bf16", Lifetime::load,
-      Place::pinned_host, "two 16M-value chunks in flight to the device");
+  // The weights are loaded (and quantized) into the host arena of the CPU
+  // reference, uploaded, then freed before training: for the load, host RAM
+  // holds them once, plus the tensor being converted.
+  add(p, "host", "base weights, host copy at load",
+      base_weight_arena_bytes(c, weight_load_options(in)), "mixed", Lifetime::load, Place::host,
+      "the CPU arena layout (model/weights.h), uploaded tensor by tensor, released before step 1");
+  int64_t largest = 0;
+  for (const TensorSlot& s : expected_tensors(c)) largest = std::max(largest, shape_numel(s.shape));
+  add(p, "host", "weight load: one tensor in flight", uint64_t(largest) * kF32, "fp32", Lifetime::load,
+      Place::host, "the largest tensor as fp32 while it is quantized or rounded");
   add(p, "host", "batch staging", 2 * N * 3 * 4, "int32", Lifetime::persistent, Place::pinned_host,
       "tokens, targets, positions, double-buffered");
 }

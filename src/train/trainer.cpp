@@ -155,6 +155,9 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
       planned.backend == PlanBackend::cuda
           ? make_cuda_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len, llama_run_options(planned))
           : make_cpu_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len, llama_run_options(planned));
+  // The GPU model has its own copy of the base weights (samples and evaluation
+  // run on it too): free the host's, as the plan assumes.
+  if (planned.backend == PlanBackend::cuda) release_tensors(setup.weights);
   TrainableModel& model = engine->model();
   BatchBuffer batch(planned.micro_batch, planned.seq_len);
 
