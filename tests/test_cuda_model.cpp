@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,7 @@
 #include "plan/plan.h"
 #include "test_models.h"
 #include "testing.h"
+#include "tools/quantize_model.h"
 #include "train/metrics.h"
 
 #if QLORA_HAVE_CUDA
@@ -196,6 +198,68 @@ TEST(CudaModel, NestedScalesGiveTheLossOfFp32ScalesAndThePlannedBytes) {
   }
 }
 
+// Streamed from the folder (no host copy of the model) the GPU holds exactly
+// what the model built from load_llama_weights of the same folder uploads:
+// the same conversions of the same values, so the same loss and LoRA
+// gradients bit for bit (EXPECT_EQ: identical inputs, identical kernels, one
+// context) and the same weight bytes. Quantize-on-load NF4 with and without
+// double quantization, dense (bf16 on the device), FP4, and a bitsandbytes
+// checkpoint (its own nested state kept).
+TEST(CudaModel, StreamedWeightsGiveTheModelOfTheLoadedOnes) {
+  QLORA_REQUIRE_GPU();
+  testing::ScratchDir d;
+  const std::filesystem::path tiny = resolve_model_path("builtin:tiny");
+  quantize_model(tiny, d / "bnb", {});
+  struct Case {
+    const char* what;
+    std::filesystem::path dir;
+    WeightLoadOptions opt;
+  };
+  WeightLoadOptions no_dq, dense, fp4;
+  no_dq.double_quant = false;
+  dense.quantize = false;
+  fp4.type = Quant4Type::FP4;
+  fp4.block = 128;
+  const Case cases[] = {{"nf4 + double quant", tiny, {}}, {"nf4, fp32 scales", tiny, no_dq},
+                        {"dense", tiny, dense},         {"fp4 block 128", tiny, fp4},
+                        {"bitsandbytes", d / "bnb", {}}};
+  const int64_t B = 2, T = 48;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    const LlamaWeights w = load_llama_weights(c.dir, c.opt);
+    const ModelConfig& cfg = w.cfg;
+    const Batch batch = make_batch(B, T, cfg.vocab_size);
+    LoraConfig lc;
+    lc.rank = 8;
+    lc.dropout = 0.1;
+    lc.seed = 3;
+    LoraWeights lora = testing::random_lora(cfg, lc, 300, 0.05f);
+    LlamaRunOptions run;
+    run.checkpointing = true;
+
+    CudaContext ctx;
+    CudaLlamaModel loaded(ctx, w, &lora, B, T, run), streamed(ctx, c.dir, c.opt, &lora, B, T, run);
+    EXPECT_EQ(streamed.weight_bytes(), loaded.weight_bytes());
+    EXPECT_EQ(streamed.device_bytes(), loaded.device_bytes());
+    const double loss_loaded = loaded.forward(batch.view(B, T));
+    loaded.backward();
+    const double loss_streamed = streamed.forward(batch.view(B, T));
+    streamed.backward();
+    ASSERT_TRUE(std::isfinite(loss_loaded));
+    EXPECT_EQ(loss_streamed, loss_loaded);
+    std::vector<float> g_loaded(lora.flat_size()), g_streamed(lora.flat_size());
+    loaded.download_grads(g_loaded.data());
+    streamed.download_grads(g_streamed.data());
+    EXPECT_EQ(std::memcmp(g_loaded.data(), g_streamed.data(), g_loaded.size() * sizeof(float)), 0);
+  }
+
+  // A folder that is not a model fails with load_llama_weights' error.
+  CudaContext ctx;
+  const std::string want = testing::error_of([&] { (void)load_llama_weights(d.path()); });
+  EXPECT_FALSE(want.empty());
+  EXPECT_EQ(testing::error_of([&] { CudaLlamaModel m(ctx, d.path(), {}, nullptr, 1, 16); }), want);
+}
+
 // The end-to-end check: the demo recipe for 50 steps on both
 // backends. Same data order, same masks, same schedule: each logged loss on
 // CUDA within the chain bound of the CPU's, and the CUDA run learns (its last
@@ -235,6 +299,9 @@ TEST(CudaModel, FiftyStepRunTracksTheCpu) {
   QLORA_REQUIRE_GPU();
 }
 TEST(CudaModel, NestedScalesGiveTheLossOfFp32ScalesAndThePlannedBytes) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaModel, StreamedWeightsGiveTheModelOfTheLoadedOnes) {
   QLORA_REQUIRE_GPU();
 }
 

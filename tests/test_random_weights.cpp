@@ -256,23 +256,5 @@ TEST(RandomWeights, BadArgumentsNameTheFunction) {
   EXPECT_NO_THROW(random_llama_weights(cfg, bad, 1, 0.02f));
 }
 
-// release_tensors frees the host copy once a device model holds the weights:
-// no arena, no view left to dangle, the config kept.
-TEST(RandomWeights, ReleaseTensorsFreesTheArenaAndKeepsTheConfig) {
-  const ModelConfig c = testing::tiny_gqa_config(2);
-  LlamaWeights w = random_llama_weights(c, WeightLoadOptions{}, 3);
-  ASSERT_GT(w.arena.capacity(), 0u);
-  ASSERT_NE(w.embed, nullptr);
-  release_tensors(w);
-  EXPECT_EQ(w.arena.capacity(), 0u);
-  EXPECT_EQ(w.arena.data(), nullptr);
-  EXPECT_EQ(w.embed, nullptr);
-  EXPECT_EQ(w.lm_head, nullptr);
-  EXPECT_EQ(w.final_norm, nullptr);
-  EXPECT_TRUE(w.layers.empty());
-  EXPECT_EQ(w.cfg.hidden_size, c.hidden_size);
-  EXPECT_EQ(w.cfg.num_hidden_layers, 2);
-}
-
 }  // namespace
 }  // namespace qlora

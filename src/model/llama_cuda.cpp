@@ -306,16 +306,21 @@ struct CudaLlamaModel::Impl {
   void check_tokens(const LlamaBatch& b, const int32_t first_bad[2]) const;
 };
 
-CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const LoraWeights* lora, int64_t max_B,
-                               int64_t max_T, LlamaRunOptions opt)
-    : impl_(std::make_unique<Impl>(ctx, w.cfg, opt, max_B, max_T)) {
-  Impl& m = *impl_;
-  const ModelConfig& cfg = w.cfg;
+void CudaLlamaModel::check_shape(int64_t max_B, int64_t max_T) {
+  const ModelConfig& cfg = impl_->cfg;
   max_T_ = max_T;
   if (max_B <= 0 || max_T <= 0) fail("batch shape must be positive, got B=", max_B, " T=", max_T);
   if (max_T > cfg.max_position_embeddings)
     fail("sequence length ", max_T, " exceeds the model's max_position_embeddings ", cfg.max_position_embeddings);
-  const int64_t C = cfg.hidden_size, V = cfg.vocab_size, L = cfg.num_hidden_layers, D = cfg.head_dim;
+}
+
+CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const LoraWeights* lora, int64_t max_B,
+                               int64_t max_T, LlamaRunOptions opt)
+    : impl_(std::make_unique<Impl>(ctx, w.cfg, opt, max_B, max_T)) {
+  check_shape(max_B, max_T);
+  Impl& m = *impl_;
+  const ModelConfig& cfg = w.cfg;
+  const int64_t C = cfg.hidden_size, V = cfg.vocab_size, L = cfg.num_hidden_layers;
 
   // Base weights.
   m.embed = m.weights.put_bf16(w.embed, V * C);
@@ -335,6 +340,93 @@ CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const Lo
       d.bias[t] = m.weights.put_bf16(biases[t], lins[t]->out);
     }
   }
+  finish(lora);
+}
+
+namespace {
+
+// Puts each streamed tensor on the device as the LlamaWeights constructor
+// uploads the same tensor from the arena (DeviceStore, same conversions).
+class DeviceSink final : public WeightSink {
+ public:
+  DeviceSink(DeviceStore& store, std::vector<Layer>& layers, const uint16_t*& embed, const uint16_t*& lm_head,
+             const uint16_t*& final_norm)
+      : store_(store), layers_(layers), embed_(embed), lm_head_(lm_head), final_norm_(final_norm) {}
+
+  void begin(const ModelConfig& cfg, const WeightLoadOptions& opt, const std::vector<TensorSlot>&) override {
+    cfg_ = cfg;
+    opt_ = opt;
+    layers_.assign(size_t(cfg.num_hidden_layers), Layer{});
+  }
+
+  void put(const StreamedTensor& t) override {
+    const TensorSlot& s = *t.slot;
+    Layer* L = s.layer >= 0 ? &layers_.at(size_t(s.layer)) : nullptr;
+    auto dense = [&] {
+      if (!t.dense) fail("internal: ", s.name, " arrived 4-bit for a dense slot");
+      return store_.put_bf16(t.dense, t.numel);
+    };
+    auto linear = [&](LoraTarget target) {
+      // The view bind_weights gives the arena's copy of this tensor.
+      L->lin[int(target)] = store_.linear(linear_view(t, opt_));
+    };
+    switch (s.kind) {
+      case TensorKind::Embed: embed_ = dense(); break;
+      case TensorKind::LmHead: lm_head_ = dense(); break;
+      case TensorKind::FinalNorm: final_norm_ = dense(); break;
+      case TensorKind::AttnNorm: L->attn_norm = dense(); break;
+      case TensorKind::MlpNorm: L->mlp_norm = dense(); break;
+      case TensorKind::Q: linear(LoraTarget::Q); break;
+      case TensorKind::K: linear(LoraTarget::K); break;
+      case TensorKind::V: linear(LoraTarget::V); break;
+      case TensorKind::O: linear(LoraTarget::O); break;
+      case TensorKind::Gate: linear(LoraTarget::Gate); break;
+      case TensorKind::Up: linear(LoraTarget::Up); break;
+      case TensorKind::Down: linear(LoraTarget::Down); break;
+      case TensorKind::QBias: L->bias[int(LoraTarget::Q)] = dense(); break;
+      case TensorKind::KBias: L->bias[int(LoraTarget::K)] = dense(); break;
+      case TensorKind::VBias: L->bias[int(LoraTarget::V)] = dense(); break;
+      case TensorKind::OBias: L->bias[int(LoraTarget::O)] = dense(); break;
+      case TensorKind::GateBias: L->bias[int(LoraTarget::Gate)] = dense(); break;
+      case TensorKind::UpBias: L->bias[int(LoraTarget::Up)] = dense(); break;
+      case TensorKind::DownBias: L->bias[int(LoraTarget::Down)] = dense(); break;
+    }
+  }
+
+  void finish() {
+    if (cfg_.tie_word_embeddings) lm_head_ = embed_;
+  }
+
+ private:
+  DeviceStore& store_;
+  std::vector<Layer>& layers_;
+  const uint16_t*& embed_;
+  const uint16_t*& lm_head_;
+  const uint16_t*& final_norm_;
+  ModelConfig cfg_;
+  WeightLoadOptions opt_;
+};
+
+}  // namespace
+
+CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const std::filesystem::path& model_dir, const WeightLoadOptions& wopt,
+                               const LoraWeights* lora, int64_t max_B, int64_t max_T, LlamaRunOptions opt)
+    : impl_(std::make_unique<Impl>(ctx, check_llama_weights(model_dir, wopt), opt, max_B, max_T)) {
+  check_shape(max_B, max_T);
+  Impl& m = *impl_;
+  DeviceSink sink(m.weights, m.layers, m.embed, m.lm_head, m.final_norm);
+  stream_llama_weights(model_dir, wopt, sink);
+  sink.finish();
+  finish(lora);
+}
+
+void CudaLlamaModel::finish(const LoraWeights* lora) {
+  Impl& m = *impl_;
+  CudaContext& ctx = m.ctx;
+  const ModelConfig& cfg = m.cfg;
+  const LlamaRunOptions& opt = m.opt;
+  const int64_t max_B = m.max_B, max_T = m.max_T;
+  const int64_t C = cfg.hidden_size, V = cfg.vocab_size, L = cfg.num_hidden_layers, D = cfg.head_dim;
 
   // LoRA: the flat arrays in LoraWeights' layout.
   if (lora != nullptr) {

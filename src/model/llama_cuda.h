@@ -16,6 +16,7 @@
 #if QLORA_HAVE_CUDA
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <vector>
 
@@ -36,6 +37,12 @@ class CudaLlamaModel : public TrainableModel {
   // reference to w or lora.
   CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const LoraWeights* lora, int64_t max_B, int64_t max_T,
                  LlamaRunOptions opt = {});
+  // The same model (the same device bytes as from load_llama_weights(model_dir,
+  // wopt)) streamed from the folder tensor by tensor (stream_llama_weights):
+  // the host holds one tensor at a time, never the whole model. The folder's
+  // config and tensor table are checked before anything is allocated here.
+  CudaLlamaModel(CudaContext& ctx, const std::filesystem::path& model_dir, const WeightLoadOptions& wopt,
+                 const LoraWeights* lora, int64_t max_B, int64_t max_T, LlamaRunOptions opt = {});
   ~CudaLlamaModel() override;
   CudaLlamaModel(const CudaLlamaModel&) = delete;
   CudaLlamaModel& operator=(const CudaLlamaModel&) = delete;
@@ -75,6 +82,9 @@ class CudaLlamaModel : public TrainableModel {
 
  private:
   struct Impl;
+  // The constructors' common parts: before the weights, and everything after them.
+  void check_shape(int64_t max_B, int64_t max_T);
+  void finish(const LoraWeights* lora);
   std::unique_ptr<Impl> impl_;
   float* master_ = nullptr;
   uint16_t* params_bf16_ = nullptr;

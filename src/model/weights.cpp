@@ -41,14 +41,18 @@ std::vector<PlacedTensor> layout_weights(Arena& a, const std::vector<TensorSlot>
   return out;
 }
 
-void store_nested_scales(PlacedTensor& p, int64_t nblocks, const NestedAbsmax& nq, const std::string& name) {
-  if (!p.absmax8) fail("internal: ", name, " has no room for double-quantized scales");
+void check_nested_scales(int64_t nblocks, const NestedAbsmax& nq, const std::string& name) {
   if (int64_t(nq.codes.size()) != nblocks || nq.nested_block != kNestedBlock ||
       int64_t(nq.nested_absmax.size()) != quant4_num_blocks(nblocks, kNestedBlock) ||
       !(nq.code8.empty() || nq.code8.size() == 256))
     fail("internal: double-quantized scales of ", name, " do not fit the layout (", nq.codes.size(),
          " codes, ", nq.nested_absmax.size(), " nested scales of block ", nq.nested_block, ", ", nblocks,
          " blocks)");
+}
+
+void store_nested_scales(PlacedTensor& p, int64_t nblocks, const NestedAbsmax& nq, const std::string& name) {
+  if (!p.absmax8) fail("internal: ", name, " has no room for double-quantized scales");
+  check_nested_scales(nblocks, nq, name);
   std::copy(nq.codes.begin(), nq.codes.end(), p.absmax8);
   std::copy(nq.nested_absmax.begin(), nq.nested_absmax.end(), p.nested_absmax);
   const float* code8 = nq.code8.empty() ? dynamic_map_signed().data() : nq.code8.data();
@@ -61,22 +65,17 @@ void store_nested_scales(PlacedTensor& p, int64_t nblocks, const NestedAbsmax& n
 namespace {
 
 ops::LinearWeight linear(const TensorSlot& s, const PlacedTensor& p, const WeightLoadOptions& opt) {
-  ops::LinearWeight w;
-  w.out = s.shape[0];
-  w.in = s.shape[1];
-  w.dense = p.dense;
-  w.codes = p.codes;
-  w.absmax = p.scales;
-  w.block = opt.block;
-  w.type = opt.type;
-  if (p.absmax8) {
-    w.absmax8 = p.absmax8;
-    w.nested_absmax = p.nested_absmax;
-    w.code8 = p.code8;
-    w.offset = p.offset;
-    w.nested_block = kNestedBlock;
-  }
-  return w;
+  StreamedTensor t;
+  t.slot = &s;
+  t.numel = shape_numel(s.shape);
+  t.dense = p.dense;
+  t.codes = p.codes;
+  t.scales = p.scales;
+  t.absmax8 = p.absmax8;
+  t.nested_absmax = p.nested_absmax;
+  t.code8 = p.code8;
+  t.offset = p.offset;
+  return linear_view(t, opt);
 }
 
 }  // namespace
@@ -116,6 +115,25 @@ void bind_weights(LlamaWeights& w, const std::vector<TensorSlot>& slots,
 
 }  // namespace weights_detail
 
+ops::LinearWeight linear_view(const StreamedTensor& t, const WeightLoadOptions& opt) {
+  ops::LinearWeight w;
+  w.out = t.slot->shape[0];
+  w.in = t.slot->shape[1];
+  w.dense = t.dense;
+  w.codes = t.codes;
+  w.absmax = t.scales;
+  w.block = opt.block;
+  w.type = opt.type;
+  if (t.absmax8) {
+    w.absmax8 = t.absmax8;
+    w.nested_absmax = t.nested_absmax;
+    w.code8 = t.code8;
+    w.offset = t.offset;
+    w.nested_block = kNestedBlock;
+  }
+  return w;
+}
+
 namespace {
 
 using weights_detail::PlacedTensor;
@@ -140,30 +158,32 @@ std::vector<float> read_f32(const SafetensorsModel& m, const std::string& name) 
 
 }  // namespace
 
-void release_tensors(LlamaWeights& w) {
-  w.arena = Arena();
-  w.embed = w.lm_head = w.final_norm = nullptr;
-  w.layers.clear();
-  w.layers.shrink_to_fit();
-}
-
 size_t base_weight_arena_bytes(const ModelConfig& cfg, const WeightLoadOptions& opt) {
   Arena measure;
   weights_detail::layout_weights(measure, expected_tensors(cfg), opt);
   return measure.used();
 }
 
-LlamaWeights load_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt_in) {
-  LlamaWeights w;
-  w.cfg = load_model_config(dir);
-  const ModelConfig& cfg = w.cfg;
-  if (cfg.head_dim % 2 != 0) fail(dir.string(), "/config.json: head_dim ", cfg.head_dim, " must be even for RoPE");
-  const SafetensorsModel m(dir);
-  const std::vector<TensorSlot> slots = expected_tensors(cfg);
+namespace {
 
+// The folder after every check: what stream_llama_weights needs to read it.
+struct CheckedFolder {
+  ModelConfig cfg;
+  WeightLoadOptions opt;          // in effect (a bitsandbytes checkpoint fixes the quantization)
+  std::vector<TensorSlot> slots;  // expected_tensors(cfg)
+  std::vector<std::string> bnb;   // the checkpoint's 4-bit tensors, sorted
+};
+
+CheckedFolder check_folder(const std::filesystem::path& dir, const SafetensorsModel& m, const ModelConfig& cfg,
+                           const WeightLoadOptions& opt_in) {
+  CheckedFolder f;
+  f.cfg = cfg;
+  f.slots = expected_tensors(cfg);
   // A bitsandbytes checkpoint fixes the quantization; its state is read per tensor.
-  const std::vector<std::string> bnb = bnb_quantized_weights(m);
-  WeightLoadOptions opt = opt_in;
+  f.bnb = bnb_quantized_weights(m);
+  const std::vector<std::string>& bnb = f.bnb;
+  WeightLoadOptions& opt = f.opt;
+  opt = opt_in;
   // Its double-quantized scales are kept as they are when every 4-bit tensor
   // has them in bitsandbytes' form (nested block 256, which is all it writes);
   // any other checkpoint keeps plain fp32 scales only.
@@ -186,53 +206,134 @@ LlamaWeights load_llama_weights(const std::filesystem::path& dir, const WeightLo
     present.push_back({name, shape});
   }
   if (!bnb.empty()) opt.double_quant = all_nested;
-  const TensorCheck check = check_tensors(slots, present);
+  const TensorCheck check = check_tensors(f.slots, present);
   if (!check.ok()) fail(m.source().string(), " does not match ", dir.string(), "/config.json:\n", check.report());
   if (opt.quantize && !valid_block4(opt.block)) fail("invalid 4-bit block size ", opt.block);
+  return f;
+}
 
-  w.arena = Arena(base_weight_arena_bytes(cfg, opt), "base weights");
-  std::vector<PlacedTensor> placed = weights_detail::layout_weights(w.arena, slots, opt);
+ModelConfig load_checked_config(const std::filesystem::path& dir) {
+  ModelConfig cfg = load_model_config(dir);
+  if (cfg.head_dim % 2 != 0) fail(dir.string(), "/config.json: head_dim ", cfg.head_dim, " must be even for RoPE");
+  return cfg;
+}
 
-  // The block scales of one 4-bit tensor: the kept double-quantized form and
-  // its decode, or plain fp32 scales (decoded here if the file nests them).
-  auto store_scales = [&](PlacedTensor& p, const Quant4Tensor& q, const std::string& name) {
-    const int64_t nblocks = quant4_num_blocks(q.numel(), q.block);
-    if (p.absmax8) {
-      if (!q.nested) fail("internal: ", name, " has no double-quantized scales to keep");
-      weights_detail::store_nested_scales(p, nblocks, *q.nested, name);
-    } else {
-      const std::vector<float> scales = q.block_scales();
-      std::copy(scales.begin(), scales.end(), p.scales);
+// Copies each streamed tensor into its place in the arena.
+class ArenaSink final : public WeightSink {
+ public:
+  explicit ArenaSink(LlamaWeights& w) : w_(w) {}
+  void begin(const ModelConfig& cfg, const WeightLoadOptions& opt, const std::vector<TensorSlot>& slots) override {
+    w_.cfg = cfg;
+    opt_ = opt;
+    slots_ = slots;
+    w_.arena = Arena(base_weight_arena_bytes(cfg, opt), "base weights");
+    placed_ = weights_detail::layout_weights(w_.arena, slots, opt);
+  }
+  void put(const StreamedTensor& t) override {
+    PlacedTensor& p = placed_.at(t.index);
+    const std::string& name = t.slot->name;
+    if (p.dense) {
+      if (!t.dense) fail("internal: ", name, " arrived 4-bit for a dense slot");
+      std::copy(t.dense, t.dense + t.numel, p.dense);
+      return;
     }
-    check_finite(p.scales, nblocks, name + " (absmax)", m);
-  };
-
-  for (size_t i = 0; i < slots.size(); ++i) {
-    const TensorSlot& s = slots[i];
-    PlacedTensor& p = placed[i];
-    const int64_t n = shape_numel(s.shape);
-    const bool is_bnb = std::binary_search(bnb.begin(), bnb.end(), s.name);
-    if (is_bnb) {
-      const Quant4Tensor q = load_bnb_weight(m, s.name);
-      if (p.codes) {
-        std::copy(q.codes.begin(), q.codes.end(), p.codes);
-        store_scales(p, q, s.name);
-      } else {
-        dequantize_tensor(q, p.dense);
-        check_finite(p.dense, n, s.name, m);
-      }
-    } else {
-      const std::vector<float> v = read_f32(m, s.name);
-      if (p.codes) {
-        const Quant4Tensor q = quantize_tensor(v.data(), s.shape, opt.type, opt.block, opt.double_quant);
-        std::copy(q.codes.begin(), q.codes.end(), p.codes);
-        store_scales(p, q, s.name);
-      } else {
-        std::copy(v.begin(), v.end(), p.dense);
-      }
+    if (!t.codes || !t.scales || bool(p.absmax8) != bool(t.absmax8))
+      fail("internal: ", name, " arrived in another form than its slot");
+    const int64_t blocks = quant4_num_blocks(t.numel, opt_.block);
+    std::copy(t.codes, t.codes + quant4_code_bytes(t.numel), p.codes);
+    std::copy(t.scales, t.scales + blocks, p.scales);
+    if (p.absmax8) {
+      std::copy(t.absmax8, t.absmax8 + blocks, p.absmax8);
+      std::copy(t.nested_absmax, t.nested_absmax + quant4_num_blocks(blocks, kNestedBlock), p.nested_absmax);
+      std::copy(t.code8, t.code8 + 256, p.code8);
+      p.offset = t.offset;
     }
   }
-  weights_detail::bind_weights(w, slots, placed, opt);
+  void finish() { weights_detail::bind_weights(w_, slots_, placed_, opt_); }
+
+ private:
+  LlamaWeights& w_;
+  WeightLoadOptions opt_;
+  std::vector<TensorSlot> slots_;
+  std::vector<PlacedTensor> placed_;
+};
+
+}  // namespace
+
+ModelConfig check_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt) {
+  const ModelConfig cfg = load_checked_config(dir);
+  const SafetensorsModel m(dir);
+  return check_folder(dir, m, cfg, opt).cfg;
+}
+
+void stream_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt_in, WeightSink& sink) {
+  const ModelConfig cfg = load_checked_config(dir);
+  const SafetensorsModel m(dir);
+  const CheckedFolder f = check_folder(dir, m, cfg, opt_in);
+  const WeightLoadOptions& opt = f.opt;
+  const std::vector<std::string>& bnb = f.bnb;
+  sink.begin(f.cfg, opt, f.slots);
+
+  for (size_t i = 0; i < f.slots.size(); ++i) {
+    const TensorSlot& s = f.slots[i];
+    const int64_t n = shape_numel(s.shape);
+    const bool keep4 = weights_detail::keeps_4bit(s, opt);
+    StreamedTensor t;
+    t.index = i;
+    t.slot = &s;
+    t.numel = n;
+    // Each holds this tensor only, freed when the iteration ends.
+    std::vector<float> dense, scales;
+    Quant4Tensor q;
+    if (std::binary_search(bnb.begin(), bnb.end(), s.name)) {
+      q = load_bnb_weight(m, s.name);
+      if (!keep4) {
+        dense.resize(size_t(n));
+        dequantize_tensor(q, dense.data());
+        check_finite(dense.data(), n, s.name, m);
+      }
+    } else {
+      dense = read_f32(m, s.name);
+      if (keep4) {
+        q = quantize_tensor(dense.data(), s.shape, opt.type, opt.block, opt.double_quant);
+        dense = std::vector<float>();  // the 4-bit form replaces it
+      }
+    }
+    if (keep4) {
+      // The block scales: the kept double-quantized form and its decode, or
+      // plain fp32 scales (decoded here if the file nests them).
+      const int64_t nblocks = quant4_num_blocks(n, q.block);
+      t.codes = q.codes.data();
+      if (opt.double_quant) {
+        if (!q.nested) fail("internal: ", s.name, " has no double-quantized scales to keep");
+        const NestedAbsmax& nq = *q.nested;
+        weights_detail::check_nested_scales(nblocks, nq, s.name);
+        scales.resize(size_t(nblocks));
+        // The reference decode itself, so the fp32 scales equal the kept form's by construction.
+        double_dequantize(nq, scales.data());
+        t.absmax8 = nq.codes.data();
+        t.nested_absmax = nq.nested_absmax.data();
+        t.code8 = nq.code8.empty() ? dynamic_map_signed().data() : nq.code8.data();
+        t.offset = nq.offset;
+      } else if (q.nested) {
+        scales = q.block_scales();
+      } else {
+        scales = std::move(q.absmax);
+      }
+      check_finite(scales.data(), nblocks, s.name + " (absmax)", m);
+      t.scales = scales.data();
+    } else {
+      t.dense = dense.data();
+    }
+    sink.put(t);
+  }
+}
+
+LlamaWeights load_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt) {
+  LlamaWeights w;
+  ArenaSink sink(w);
+  stream_llama_weights(dir, opt, sink);
+  sink.finish();
   return w;
 }
 

@@ -17,6 +17,7 @@
 #include "core/arena.h"
 #include "io/hf_config.h"
 #include "kernels/ops.h"
+#include "model/tensor_table.h"
 
 namespace qlora {
 
@@ -52,10 +53,6 @@ struct LlamaWeights {
   bool quantized = false;
 };
 
-// Frees w's tensors (the arena and every view into it), keeping w.cfg: once a
-// device model holds its own copy, the host copy is dead weight (35 GiB at 70B).
-void release_tensors(LlamaWeights& w);
-
 // Bytes of the arena load_llama_weights allocates for this config and these
 // options (the same layout code in measuring mode; for a bitsandbytes
 // checkpoint pass the checkpoint's type, block and double_quant). The memory
@@ -65,7 +62,54 @@ size_t base_weight_arena_bytes(const ModelConfig& cfg, const WeightLoadOptions& 
 // Loads an HF folder: F32/BF16/F16 safetensors (quantized on load as the
 // options say) or a bitsandbytes 4-bit checkpoint. Missing or unexpected
 // tensors, shapes disagreeing with config.json and NaN/Inf values throw
-// qlora::Error naming the tensor and file.
+// qlora::Error naming the tensor and file. It is stream_llama_weights into
+// the arena.
 LlamaWeights load_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt = {});
+
+// One expected tensor in its final form, as the arena keeps it: n fp32
+// values, or the 4-bit codes with one fp32 scale per block and, when double
+// quantized, the kept form those scales decode from bit for bit. The pointers
+// are valid only during WeightSink::put.
+struct StreamedTensor {
+  size_t index = 0;                // into the expected_tensors order
+  const TensorSlot* slot = nullptr;
+  int64_t numel = 0;
+  const float* dense = nullptr;    // numel fp32, or
+  const uint8_t* codes = nullptr;  // quant4_code_bytes(numel) bytes,
+  const float* scales = nullptr;   // quant4_num_blocks(numel, block) fp32;
+  // double quant only (else null): one code per block, one fp32 per
+  // kNestedBlock blocks, the 256-entry fp32 code book, the offset.
+  const uint8_t* absmax8 = nullptr;
+  const float* nested_absmax = nullptr;
+  const float* code8 = nullptr;
+  float offset = 0.0f;
+};
+
+// The ops::LinearWeight view of a block linear's pieces (t.slot is a linear),
+// with the options in effect: what LlamaLayerWeights holds for it.
+ops::LinearWeight linear_view(const StreamedTensor& t, const WeightLoadOptions& opt);
+
+// Where stream_llama_weights delivers the tensors.
+class WeightSink {
+ public:
+  virtual ~WeightSink() = default;
+  // Once, after every check of the folder passed and before the first put:
+  // the config, the options in effect (a bitsandbytes checkpoint fixes type,
+  // block and double_quant) and the expected tensors in delivery order.
+  virtual void begin(const ModelConfig& cfg, const WeightLoadOptions& opt, const std::vector<TensorSlot>& slots) = 0;
+  virtual void put(const StreamedTensor& t) = 0;
+};
+
+// load_llama_weights tensor by tensor: the same checks (errors thrown before
+// begin, except non-finite values, found as each tensor is read), then each
+// expected tensor in expected_tensors order, converted, handed to the sink
+// and freed before the next is read, so host memory holds one tensor at a
+// time (as fp32 plus its 4-bit form).
+void stream_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt, WeightSink& sink);
+
+// The checks stream_llama_weights makes before reading any value (config.json,
+// the tensor table against it, a bitsandbytes checkpoint's quantization
+// state), with the same errors. Returns the config.
+ModelConfig check_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt = {});
 
 }  // namespace qlora

@@ -40,6 +40,9 @@ bool keeps_4bit(const TensorSlot& s, const WeightLoadOptions& opt);
 std::vector<PlacedTensor> layout_weights(Arena& a, const std::vector<TensorSlot>& slots,
                                          const WeightLoadOptions& opt);
 
+// Throws unless nq (nested_block kNestedBlock, its codes nblocks) fits the layout.
+void check_nested_scales(int64_t nblocks, const NestedAbsmax& nq, const std::string& name);
+
 // Keeps nq (its nested_block must be kNestedBlock and its codes p's block
 // count) in p's double-quant pieces, and p.scales = double_dequantize(nq), so
 // the fp32 scales are bit for bit the decoded kept form. `name` is for errors.

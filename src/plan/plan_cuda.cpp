@@ -52,6 +52,26 @@ BaseBytes base_bytes(const PlanInput& in) {
   return b;
 }
 
+// Host bytes of the weight load (model/weights.h, stream_llama_weights) at its peak.
+uint64_t weight_load_in_flight_bytes(const PlanInput& in) {
+  uint64_t most = 0;
+  for (const TensorSlot& s : expected_tensors(in.model)) {
+    const uint64_t n = uint64_t(shape_numel(s.shape));
+    // The values as fp32 (read and converted from the file), then the form the
+    // device gets, built on the host beside them.
+    uint64_t bytes = n * kF32;
+    if (s.is_block_linear && in.quantize) {
+      const uint64_t blocks = uint64_t(quant4_num_blocks(int64_t(n), in.block));
+      bytes += (n + 1) / 2 + blocks * kF32;  // codes, fp32 scales
+      if (in.double_quant) bytes += blocks + (blocks + kNestedBlock - 1) / kNestedBlock * kF32 + 256 * kF32;
+    } else {
+      bytes += n * kBf16;  // rounded for the upload
+    }
+    most = std::max(most, bytes);
+  }
+  return most;
+}
+
 }  // namespace
 
 void add_cuda_buffers(MemoryPlan& p) {
@@ -167,16 +187,11 @@ void add_cuda_buffers(MemoryPlan& p) {
           " MiB; to be calibrated"));
 
   // ---- host
-  // The weights are loaded (and quantized) into the host arena of the CPU
-  // reference, uploaded, then freed before training: for the load, host RAM
-  // holds them once, plus the tensor being converted.
-  add(p, "host", "base weights, host copy at load",
-      base_weight_arena_bytes(c, weight_load_options(in)), "mixed", Lifetime::load, Place::host,
-      "the CPU arena layout (model/weights.h), uploaded tensor by tensor, released before step 1");
-  int64_t largest = 0;
-  for (const TensorSlot& s : expected_tensors(c)) largest = std::max(largest, shape_numel(s.shape));
-  add(p, "host", "weight load: one tensor in flight", uint64_t(largest) * kF32, "fp32", Lifetime::load,
-      Place::host, "the largest tensor as fp32 while it is quantized or rounded");
+  // The weights stream from the folder to the device one tensor at a time
+  // (stream_llama_weights): no host copy of the model, only the tensor in
+  // flight, freed before the next is read.
+  add(p, "host", "weight load: one tensor in flight", weight_load_in_flight_bytes(in), "mixed", Lifetime::load,
+      Place::host, "the largest tensor as fp32 + its 4-bit codes and scales (bf16 copy when not 4-bit)");
   add(p, "host", "batch staging", 2 * N * 3 * 4, "int32", Lifetime::persistent, Place::pinned_host,
       "tokens, targets, positions, double-buffered");
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -50,5 +51,11 @@ std::unique_ptr<StepEngine> make_cpu_engine(const LlamaWeights& w, LoraWeights& 
 // device 0. Throws qlora::Error in builds without CUDA.
 std::unique_ptr<StepEngine> make_cuda_engine(const LlamaWeights& w, LoraWeights& lora, Optimizer& opt,
                                              int64_t max_B, int64_t max_T, LlamaRunOptions run);
+// The same engine with the base weights streamed from an HF folder to the
+// device (stream_llama_weights: one tensor at a time in host memory, no host
+// copy of the model); the folder is checked before anything is allocated.
+std::unique_ptr<StepEngine> make_cuda_engine(const std::filesystem::path& model_dir, const WeightLoadOptions& wopt,
+                                             LoraWeights& lora, Optimizer& opt, int64_t max_B, int64_t max_T,
+                                             LlamaRunOptions run);
 
 }  // namespace qlora

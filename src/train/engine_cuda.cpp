@@ -26,7 +26,21 @@ class CudaEngine final : public StepEngine {
   CudaEngine(const LlamaWeights& w, LoraWeights& lora, Optimizer& opt, int64_t max_B, int64_t max_T,
              LlamaRunOptions run)
       : lora_(lora), opt_(opt), model_(ctx_, w, &lora, max_B, max_T, run), n_(model_.lora_size()) {
-    const OptimizerConfig& c = opt.config();
+    init();
+  }
+  CudaEngine(const std::filesystem::path& model_dir, const WeightLoadOptions& wopt, LoraWeights& lora,
+             Optimizer& opt, int64_t max_B, int64_t max_T, LlamaRunOptions run)
+      : lora_(lora), opt_(opt), model_(ctx_, model_dir, wopt, &lora, max_B, max_T, run), n_(model_.lora_size()) {
+    init();
+  }
+  ~CudaEngine() override {
+    paged_.reset();  // waits for ctx_'s streams, so before ctx_ goes
+  }
+
+ private:
+  // The optimizer state beside the model, then the host LoRA/state pushed.
+  void init() {
+    const OptimizerConfig& c = opt_.config();
     if (c.kind == OptimizerKind::paged_adamw) {
       paged_ = std::make_unique<PagedAdamState>(ctx_, n_);
     } else {
@@ -37,10 +51,8 @@ class CudaEngine final : public StepEngine {
     norm_ = DeviceBuffer<double>(1);
     push();
   }
-  ~CudaEngine() override {
-    paged_.reset();  // waits for ctx_'s streams, so before ctx_ goes
-  }
 
+ public:
   TrainableModel& model() override { return model_; }
   void zero_grad() override { model_.zero_grad(); }
 
@@ -142,10 +154,21 @@ std::unique_ptr<StepEngine> make_cuda_engine(const LlamaWeights& w, LoraWeights&
   return std::make_unique<CudaEngine>(w, lora, opt, max_B, max_T, run);
 }
 
+std::unique_ptr<StepEngine> make_cuda_engine(const std::filesystem::path& model_dir, const WeightLoadOptions& wopt,
+                                             LoraWeights& lora, Optimizer& opt, int64_t max_B, int64_t max_T,
+                                             LlamaRunOptions run) {
+  return std::make_unique<CudaEngine>(model_dir, wopt, lora, opt, max_B, max_T, run);
+}
+
 #else
 
 std::unique_ptr<StepEngine> make_cuda_engine(const LlamaWeights&, LoraWeights&, Optimizer&, int64_t, int64_t,
                                              LlamaRunOptions) {
+  fail("this build has no CUDA backend (nvcc was not found when it was configured)");
+}
+
+std::unique_ptr<StepEngine> make_cuda_engine(const std::filesystem::path&, const WeightLoadOptions&, LoraWeights&,
+                                             Optimizer&, int64_t, int64_t, LlamaRunOptions) {
   fail("this build has no CUDA backend (nvcc was not found when it was configured)");
 }
 

@@ -109,8 +109,14 @@ RunSetup open_run(const Recipe& r, bool resume, bool overwrite, std::FILE* out) 
   std::fprintf(out, "%s\n", s.data_statistics.c_str());
   if (s.data.train.rows.empty()) fail("data.train: no training rows after packing");
 
-  // The plan's options, so the arenas are exactly the planned ones.
-  s.weights = load_llama_weights(s.model_dir, weight_load_options(s.plan.input));
+  // The plan's options, so the arenas are exactly the planned ones. The GPU
+  // engine streams the weights from the folder itself (no host copy of the
+  // model): here only the checks, so a bad folder fails before the GPU is touched.
+  s.weight_options = weight_load_options(s.plan.input);
+  if (s.plan.input.backend == PlanBackend::cuda)
+    s.weights.cfg = check_llama_weights(s.model_dir, s.weight_options);
+  else
+    s.weights = load_llama_weights(s.model_dir, s.weight_options);
   return s;
 }
 

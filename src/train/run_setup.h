@@ -31,7 +31,10 @@ struct RunSetup {
   std::optional<ChatTemplate> chat_template;
   PreparedData data;
   std::string data_statistics;
+  // The base weights on the CPU backend; on CUDA only weights.cfg (the folder
+  // checked, its tensors left for the engine to stream to the device).
   LlamaWeights weights;
+  WeightLoadOptions weight_options;  // the plan's (weight_load_options(plan.input))
   // The LoRA, optimizer and model options are the plan's (plan.input), so
   // the arenas the run allocates are the planned ones.
 };

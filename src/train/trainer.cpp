@@ -153,11 +153,9 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   Optimizer opt(planned.optimizer, lora.flat_size());
   const std::unique_ptr<StepEngine> engine =
       planned.backend == PlanBackend::cuda
-          ? make_cuda_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len, llama_run_options(planned))
+          ? make_cuda_engine(setup.model_dir, setup.weight_options, lora, opt, planned.micro_batch, planned.seq_len,
+                             llama_run_options(planned))
           : make_cpu_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len, llama_run_options(planned));
-  // The GPU model has its own copy of the base weights (samples and evaluation
-  // run on it too): free the host's, as the plan assumes.
-  if (planned.backend == PlanBackend::cuda) release_tensors(setup.weights);
   TrainableModel& model = engine->model();
   BatchBuffer batch(planned.micro_batch, planned.seq_len);
 
