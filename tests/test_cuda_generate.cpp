@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -169,8 +170,26 @@ TEST(CudaGenerate, GeneratingBetweenStepsChangesNothing) {
   EXPECT_EQ(plain.second, after.second);
 }
 
+// `qlora generate --device cuda` end to end: the weights streamed from the
+// folder, greedy ids of the requested count.
+TEST(CudaGenerate, CliGeneratesOnTheGpu) {
+  QLORA_REQUIRE_GPU();
+  const testing::CliResult r =
+      testing::run_qlora("generate --model builtin:tiny --prompt-ids '1 2 3' --max-new-tokens 5 --ignore-eos "
+                         "--device cuda");
+  ASSERT_EQ(r.status, 0) << r.output;
+  const size_t at = r.output.find("ids:");
+  ASSERT_NE(at, std::string::npos) << r.output;
+  std::istringstream line(r.output.substr(at + 4, r.output.find('\n', at) - at - 4));
+  int n = 0;
+  for (int id; line >> id; ++n) EXPECT_GE(id, 0);
+  EXPECT_EQ(n, 5) << r.output;
+  EXPECT_EQ(r.output.find("warning"), std::string::npos) << r.output;
+}
+
 #else
 
+TEST(CudaGenerate, CliGeneratesOnTheGpu) { QLORA_REQUIRE_GPU(); }
 TEST(CudaGenerate, LastLogitsTrackTheCpuGenerator) { QLORA_REQUIRE_GPU(); }
 TEST(CudaGenerate, StepByStepEqualsOnePassAndBadTokensLeaveTheSequence) { QLORA_REQUIRE_GPU(); }
 TEST(CudaGenerate, GeneratingBetweenStepsChangesNothing) { QLORA_REQUIRE_GPU(); }

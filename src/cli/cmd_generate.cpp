@@ -75,7 +75,12 @@ Runner add_generate(CLI::App& app) {
     const auto dir = resolve_model_path(a->model);
     WeightLoadOptions opt;
     opt.quantize = !a->dense;
-    const LlamaWeights w = load_llama_weights(dir, opt);
+    // The GPU streams the weights from the folder itself: the host then only checks it.
+    LlamaWeights w;
+    if (gpu)
+      w.cfg = check_llama_weights(dir, opt);
+    else
+      w = load_llama_weights(dir, opt);
     std::unique_ptr<LoraWeights> lora;
     if (!a->adapter.empty()) lora = std::make_unique<LoraWeights>(LoraWeights::load_peft(a->adapter, w.cfg));
     // The tokenizer is needed for --prompt; otherwise it only decodes, if present.
@@ -92,7 +97,7 @@ Runner add_generate(CLI::App& app) {
            w.cfg.max_position_embeddings, " positions (", dir.string(), "/config.json)");
     std::unique_ptr<TokenGenerator> gen;
 #if QLORA_HAVE_CUDA
-    if (gpu) gen = make_cuda_generator(w, lora.get(), total);
+    if (gpu) gen = make_cuda_generator(dir, opt, lora.get(), total);
 #else
     (void)gpu;
 #endif

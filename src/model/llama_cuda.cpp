@@ -620,8 +620,9 @@ namespace {
 
 class OwningCudaGenerator final : public TokenGenerator {
  public:
-  OwningCudaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq)
-      : model_(ctx_, w, lora, 1, max_seq), gen_(model_, max_seq) {
+  OwningCudaGenerator(const std::filesystem::path& model_dir, const WeightLoadOptions& wopt, const LoraWeights* lora,
+                      int64_t max_seq)
+      : model_(ctx_, model_dir, wopt, lora, 1, max_seq), gen_(model_, max_seq) {
     model_.set_training(false);
   }
   void feed(const int32_t* tokens, int64_t T, float* logits) override { gen_.feed(tokens, T, logits); }
@@ -636,9 +637,10 @@ class OwningCudaGenerator final : public TokenGenerator {
 
 }  // namespace
 
-std::unique_ptr<TokenGenerator> make_cuda_generator(const LlamaWeights& w, const LoraWeights* lora,
+std::unique_ptr<TokenGenerator> make_cuda_generator(const std::filesystem::path& model_dir,
+                                                    const WeightLoadOptions& wopt, const LoraWeights* lora,
                                                     int64_t max_seq) {
-  return std::make_unique<OwningCudaGenerator>(w, lora, max_seq);
+  return std::make_unique<OwningCudaGenerator>(model_dir, wopt, lora, max_seq);
 }
 
 void CudaLlamaModel::backward() {

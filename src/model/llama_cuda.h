@@ -116,8 +116,10 @@ class CudaTokenGenerator final : public TokenGenerator {
 };
 
 // A generator that owns its context and its model (B = 1, T = max_seq) on
-// device 0: `qlora generate --device cuda`.
-std::unique_ptr<TokenGenerator> make_cuda_generator(const LlamaWeights& w, const LoraWeights* lora,
+// device 0, the base weights streamed from the folder (no host copy):
+// `qlora generate --device cuda`.
+std::unique_ptr<TokenGenerator> make_cuda_generator(const std::filesystem::path& model_dir,
+                                                    const WeightLoadOptions& wopt, const LoraWeights* lora,
                                                     int64_t max_seq);
 
 }  // namespace qlora
