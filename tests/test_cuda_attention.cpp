@@ -60,13 +60,12 @@
 #endif
 
 #include "cuda_testing.h"
+#include "testing.h"
 
 namespace qlora {
 namespace {
 
-size_t sz(int64_t n) {
-  return static_cast<size_t>(n);
-}
+using testing::sz;
 
 constexpr double kBf16Rounding = 1.0 / 256;  // 2^-8: one rounding to bf16 (see the top of the file)
 constexpr double kFp32Slack = 1.0 / 4096;    // 2^-12 of the terms' size

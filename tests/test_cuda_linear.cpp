@@ -64,13 +64,12 @@
 #endif
 
 #include "cuda_testing.h"
+#include "testing.h"
 
 namespace qlora {
 namespace {
 
-size_t sz(int64_t n) {
-  return static_cast<size_t>(n);
-}
+using testing::sz;
 
 // ---- the cases ------------------------------------------------------------------------
 

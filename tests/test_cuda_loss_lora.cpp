@@ -57,6 +57,7 @@
 #endif
 
 #include "cuda_testing.h"
+#include "testing.h"
 
 namespace qlora {
 namespace {
@@ -64,9 +65,7 @@ namespace {
 using op_cases::bf16_randn;
 using op_cases::uniform_ids;
 
-size_t sz(int64_t n) {
-  return static_cast<size_t>(n);
-}
+using testing::sz;
 
 constexpr double kBf16HalfUlp = 1.0 / 256;      // 2^-8: one rounding to bf16
 constexpr double kFp32Slack = 1.0 / 4096;       // 2^-12 of the terms: GPU-vs-CPU fp32 differences

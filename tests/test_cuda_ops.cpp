@@ -53,9 +53,7 @@ namespace {
 
 using namespace op_cases;
 
-size_t sz(int64_t n) {
-  return static_cast<size_t>(n);
-}
+using testing::sz;
 
 // ---- CPU reference on the shared cases ---------------------------------------------
 

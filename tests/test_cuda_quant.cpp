@@ -139,12 +139,7 @@ DeviceBuffer<T> upload_at(const std::vector<T>& host, size_t offset) {
   return d;
 }
 
-template <typename T>
-std::vector<T> download_all(const DeviceBuffer<T>& d) {
-  std::vector<T> h(d.size());
-  d.download(h.data(), h.size());
-  return h;
-}
+using testing::download;
 
 // Quantizes fp32 or bf16 input on the GPU. `fill` is memset into the outputs
 // first: running with 0x00 and 0xff shows that every output byte is written.
@@ -159,7 +154,7 @@ Quantized gpu_quantize(const std::vector<In>& x, int64_t block, Quant4Type t, si
   QLORA_CUDA_CHECK(cudaMemset(dabsmax.data(), fill, dabsmax.bytes()));
   cuda_quantize4(dx.data() + offset, n, block, t, dcodes.data(), dabsmax.data(), s.get());
   s.sync();
-  return {download_all(dcodes), download_all(dabsmax)};
+  return {download(dcodes), download(dabsmax)};
 }
 
 // Dequantizes on the GPU into fp32 (Out = float) or bf16 bits (Out = uint16_t),
@@ -173,7 +168,7 @@ std::vector<Out> gpu_dequantize(const Quantized& q, int64_t n, int64_t block, Qu
   QLORA_CUDA_CHECK(cudaMemset(dout.data(), 0xff, dout.bytes()));
   cuda_dequantize4(dcodes.data(), dabsmax.data(), n, block, t, dout.data() + offset, s.get());
   s.sync();
-  std::vector<Out> all = download_all(dout);
+  std::vector<Out> all = download(dout);
   return std::vector<Out>(all.begin() + std::ptrdiff_t(offset), all.end());
 }
 
@@ -188,7 +183,7 @@ std::vector<float> gpu_double_dequantize(const NestedAbsmax& nq, const Stream& s
   cuda_double_dequantize(dq.data(), dnested.data(), dmap.data(), nq.offset, nblocks, nq.nested_block,
                          dout.data(), s.get());
   s.sync();
-  return download_all(dout);
+  return download(dout);
 }
 
 // ---- comparisons ------------------------------------------------------------------

@@ -80,6 +80,9 @@ std::string error_of(F&& f) {
   return "";
 }
 
+// An element count as a size_t index (the op signatures count in int64_t).
+inline size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
 // n values ~ N(0, sigma^2) from a fixed seed.
 inline std::vector<float> randn(int64_t n, unsigned seed, float sigma = 1.0f) {
   std::mt19937 rng(seed);

@@ -411,7 +411,9 @@ class DeviceSink final : public WeightSink {
 
 CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const std::filesystem::path& model_dir, const WeightLoadOptions& wopt,
                                const LoraWeights* lora, int64_t max_B, int64_t max_T, LlamaRunOptions opt)
-    : impl_(std::make_unique<Impl>(ctx, check_llama_weights(model_dir, wopt), opt, max_B, max_T)) {
+    // config.json alone here: stream_llama_weights checks the whole folder
+    // before it hands over the first tensor.
+    : impl_(std::make_unique<Impl>(ctx, load_model_config(model_dir), opt, max_B, max_T)) {
   check_shape(max_B, max_T);
   Impl& m = *impl_;
   DeviceSink sink(m.weights, m.layers, m.embed, m.lm_head, m.final_norm);
