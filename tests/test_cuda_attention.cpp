@@ -233,7 +233,7 @@ ExactAttention exact_attention(const AttentionCase& c, const AttentionRun& r) {
   return e;
 }
 
-std::vector<double> widened(const std::vector<float>& v) {
+[[maybe_unused]] std::vector<double> widened(const std::vector<float>& v) {
   return std::vector<double>(v.begin(), v.end());
 }
 

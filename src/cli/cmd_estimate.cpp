@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "io/gguf.h"
 #include "model/builtin.h"
 #include "plan/plan.h"
 #include "recipe/recipe.h"
@@ -22,17 +23,19 @@ struct Args {
   bool json = false;
 };
 
-// --model: a preset name, builtin:NAME, or a folder with config.json.
+// --model: a preset name, builtin:NAME, a folder with config.json, or a GGUF file.
 std::pair<ModelConfig, std::filesystem::path> model_from_arg(const std::string& m) {
   for (const auto& n : preset_names())
     if (m == n) return {preset_config(m), {}};
   const std::filesystem::path dir = resolve_model_path(m);
   std::error_code ec;
-  if (std::filesystem::is_regular_file(dir / "config.json", ec)) return {load_model_config(dir), dir};
+  if (std::filesystem::is_regular_file(dir / "config.json", ec) || is_gguf_file(dir))
+    return {load_model_config(dir), dir};
   std::string known;
   for (const auto& n : preset_names()) known += str(known.empty() ? "" : ", ", n);
-  fail("--model: '", m,
-       "' is neither a model folder with config.json nor a known preset; known presets: ", known);
+  fail(
+      "--model: '", m,
+      "' is neither a model folder with config.json, a GGUF file nor a known preset; known presets: ", known);
 }
 
 std::array<bool, kNumLoraTargets> parse_targets(const std::string& s) {

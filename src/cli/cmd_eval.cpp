@@ -45,7 +45,8 @@ Runner add_eval(CLI::App& app) {
     bool json = false;
   };
   auto a = std::make_shared<Args>();
-  cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, or builtin:tiny")->required();
+  cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, GGUF file, or builtin:tiny")
+      ->required();
   cmd->add_option("--adapter", a->adapter,
                   "PEFT adapter folder (adapter_config.json + adapter_model.safetensors)");
   cmd->add_option("--tokenizer", a->tokenizer, "Tokenizer folder (default: the model folder)");

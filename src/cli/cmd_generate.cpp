@@ -14,13 +14,17 @@
 #if QLORA_HAVE_CUDA
 #include "model/llama_cuda.h"
 #endif
+#include "data/tokenize_sample.h"
 #include "tokenizer/tokenizer.h"
+#include "train/sample_text.h"
 
 namespace qlora::cli {
 
 namespace {
 
-std::vector<int32_t> parse_ids(const std::string& s) {
+// "1 2 3" or "1,2,3" (or "1, 2, 3").
+std::vector<int32_t> parse_ids(std::string s) {
+  std::replace(s.begin(), s.end(), ',', ' ');
   std::istringstream is(s);
   std::vector<int32_t> ids;
   std::string tok;
@@ -39,33 +43,47 @@ std::vector<int32_t> parse_ids(const std::string& s) {
 }
 
 Runner add_generate(CLI::App& app) {
-  auto* cmd = app.add_subcommand("generate", "Generate text from a model (+ LoRA adapter) on the GPU or the CPU");
+  auto* cmd =
+      app.add_subcommand("generate", "Generate text from a model (+ LoRA adapter) on the GPU or the CPU");
   struct Args {
-    std::string model, adapter, prompt, prompt_ids, device = "auto";
+    std::string model, adapter, prompt, prompt_ids, device = "auto", system, chat_template = "auto";
     int64_t max_new = 64;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 0;
-    bool dense = false, ignore_eos = false;
+    bool dense = false, ignore_eos = false, chat = false;
   };
   auto a = std::make_shared<Args>();
-  cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, or builtin:tiny")->required();
-  cmd->add_option("--adapter", a->adapter, "PEFT adapter folder (adapter_config.json + adapter_model.safetensors)");
+  cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, GGUF file, or builtin:tiny")
+      ->required();
+  cmd->add_option("--adapter", a->adapter,
+                  "PEFT adapter folder (adapter_config.json + adapter_model.safetensors)");
   auto* p = cmd->add_option("--prompt", a->prompt, "Prompt text (needs the model's tokenizer)");
-  auto* pi = cmd->add_option("--prompt-ids", a->prompt_ids, "Prompt as token ids, e.g. \"1 2 3\"");
+  auto* pi = cmd->add_option("--prompt-ids", a->prompt_ids, "Prompt as token ids, e.g. \"1 2 3\" or 1,2,3");
   p->excludes(pi);
+  auto* chat =
+      cmd->add_flag("--chat", a->chat,
+                    "Render --prompt as a user message through the model's chat template, stop at the end "
+                    "of the turn and print the reply alone");
+  chat->excludes(pi);
+  cmd->add_option("--system", a->system, "System message for --chat")->needs(chat);
+  cmd->add_option("--chat-template", a->chat_template, "Chat template for --chat (auto = the model's own)")
+      ->needs(chat)
+      ->capture_default_str();
   cmd->add_option("--max-new-tokens", a->max_new, "Tokens to generate")->check(CLI::PositiveNumber);
   cmd->add_option("--temperature", a->temperature, "0 = greedy")->check(CLI::NonNegativeNumber);
   cmd->add_option("--top-p", a->top_p, "Nucleus sampling mass")->check(CLI::Range(0.0f, 1.0f));
   cmd->add_option("--seed", a->seed, "Sampling seed");
   cmd->add_flag("--dense", a->dense, "Keep the base weights fp32 instead of NF4");
   cmd->add_flag("--ignore-eos", a->ignore_eos, "Do not stop at the end-of-sequence token");
-  cmd->add_option("--device", a->device,
-                  "auto (the GPU when one is usable, else the CPU with a warning), cpu (fp32, KV cache) or cuda "
-                  "(bf16)")
+  cmd->add_option(
+         "--device", a->device,
+         "auto (the GPU when one is usable, else the CPU with a warning), cpu (fp32, KV cache) or cuda "
+         "(bf16)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
   return [a]() {
     if (a->prompt.empty() && a->prompt_ids.empty()) fail("give --prompt or --prompt-ids");
+    if (a->chat && a->prompt.empty()) fail("--chat needs --prompt");
     // Before loading anything: `cuda` that cannot run fails at once, naming why.
     const auto why_no_gpu = cuda_backend_unavailable();
     if (a->device == "cuda" && why_no_gpu) fail("--device cuda: ", *why_no_gpu);
@@ -90,11 +108,15 @@ Runner add_generate(CLI::App& app) {
     } catch (const Error&) {
       if (!a->prompt.empty()) throw;
     }
-    const std::vector<int32_t> prompt = a->prompt.empty() ? parse_ids(a->prompt_ids) : tok->encode(a->prompt, true);
+    std::vector<int32_t> prompt;
+    if (a->chat)
+      prompt = chat_prompt_ids(*tok, template_for_tokenizer(*tok, a->chat_template), a->prompt, a->system);
+    else
+      prompt = a->prompt.empty() ? parse_ids(a->prompt_ids) : tok->encode(a->prompt, true);
     const int64_t total = int64_t(prompt.size()) + a->max_new;
     if (total > w.cfg.max_position_embeddings)
       fail("prompt (", prompt.size(), " tokens) + --max-new-tokens ", a->max_new, " exceeds the model's ",
-           w.cfg.max_position_embeddings, " positions (", dir.string(), "/config.json)");
+           w.cfg.max_position_embeddings, " positions (", dir.string(), ")");
     std::unique_ptr<TokenGenerator> gen;
 #if QLORA_HAVE_CUDA
     if (gpu) gen = make_cuda_generator(dir, opt, lora.get(), total);
@@ -106,12 +128,21 @@ Runner add_generate(CLI::App& app) {
     gen->feed(prompt.data(), int64_t(prompt.size()), logits.data());
     std::mt19937_64 rng(a->seed);
     std::vector<int32_t> out;
-    const auto& eos = w.cfg.eos_token_ids;
+    // The model's end-of-sequence ids, and in a chat the tokenizer's too (the
+    // end-of-turn token a template closes replies with).
+    std::vector<int64_t> eos = w.cfg.eos_token_ids;
+    if (a->chat && tok->eos_id()) eos.push_back(*tok->eos_id());
     for (int64_t s = 0; s < a->max_new; ++s) {
       const int32_t id = sample_token(logits.data(), w.cfg.vocab_size, {a->temperature, a->top_p}, rng);
+      const bool end = !a->ignore_eos && std::find(eos.begin(), eos.end(), id) != eos.end();
+      if (end && a->chat) break;  // the reply alone
       out.push_back(id);
-      if (!a->ignore_eos && std::find(eos.begin(), eos.end(), id) != eos.end()) break;
+      if (end) break;
       if (s + 1 < a->max_new) gen->feed(&id, 1, logits.data());
+    }
+    if (a->chat) {
+      std::printf("%s\n", tok->decode(out, true).c_str());
+      return 0;
     }
     std::string ids;
     for (int32_t id : out) ids += (ids.empty() ? "" : " ") + std::to_string(id);

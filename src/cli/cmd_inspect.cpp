@@ -10,13 +10,15 @@ namespace qlora::cli {
 namespace {
 
 Runner add_inspect(CLI::App& app) {
-  auto* cmd = app.add_subcommand("inspect", "Show the architecture, tensors and quantization of a model or file");
+  auto* cmd =
+      app.add_subcommand("inspect", "Show the architecture, tensors and quantization of a model or file");
   struct Args {
     std::string path;
     bool json = false;
   };
   auto a = std::make_shared<Args>();
-  cmd->add_option("path", a->path, "A .safetensors file, an HF model folder, or builtin:tiny")->required();
+  cmd->add_option("path", a->path, "A .safetensors file, an HF model folder, a GGUF file, or builtin:tiny")
+      ->required();
   cmd->add_flag("--json", a->json, "Machine-readable output");
   return [a]() {
     const Inspection in = inspect_model(resolve_model_path(a->path));

@@ -9,16 +9,21 @@ namespace qlora {
 
 const char* const kLlama2DefaultSystemPrompt =
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
-    "safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+    "safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or "
+    "illegal "
     "content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
     "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
-    "something not correct. If you don't know the answer to a question, please don't share false information.";
+    "something not correct. If you don't know the answer to a question, please don't share false "
+    "information.";
 
 const char* role_name(Role r) {
   switch (r) {
-    case Role::system: return "system";
-    case Role::user: return "user";
-    case Role::assistant: return "assistant";
+    case Role::system:
+      return "system";
+    case Role::user:
+      return "user";
+    case Role::assistant:
+      return "assistant";
   }
   return "?";
 }
@@ -33,14 +38,25 @@ struct NameEntry {
 };
 // Canonical names first (names() lists those), then aliases.
 constexpr NameEntry kNames[] = {
-    {"llama3", Kind::llama3},          {"llama3.1", Kind::llama31},       {"llama2", Kind::llama2},
-    {"mistral-v1", Kind::mistral_v1},  {"mistral-v3", Kind::mistral_v3},  {"mistral-nemo", Kind::mistral_nemo},
-    {"chatml", Kind::chatml},          {"qwen2.5", Kind::qwen25},         {"alpaca", Kind::alpaca},
-    {"none", Kind::none},              {"llama3.2", Kind::llama31},       {"llama3.3", Kind::llama31},
-    {"mistral", Kind::mistral_v1},     {"smollm", Kind::chatml},          {"qwen", Kind::qwen25},
+    {"llama3", Kind::llama3},
+    {"llama3.1", Kind::llama31},
+    {"llama2", Kind::llama2},
+    {"mistral-v1", Kind::mistral_v1},
+    {"mistral-v3", Kind::mistral_v3},
+    {"mistral-nemo", Kind::mistral_nemo},
+    {"chatml", Kind::chatml},
+    {"qwen2.5", Kind::qwen25},
+    {"smollm2", Kind::smollm2},
+    {"alpaca", Kind::alpaca},
+    {"none", Kind::none},
+    {"llama3.2", Kind::llama31},
+    {"llama3.3", Kind::llama31},
+    {"mistral", Kind::mistral_v1},
+    {"smollm", Kind::chatml},
+    {"qwen", Kind::qwen25},
     {"qwen2", Kind::qwen25},
 };
-constexpr size_t kCanonicalNames = 10;
+constexpr size_t kCanonicalNames = 11;
 
 std::string joined_names() {
   std::string s;
@@ -48,7 +64,9 @@ std::string joined_names() {
   return s;
 }
 
-bool contains(std::string_view hay, std::string_view needle) { return hay.find(needle) != std::string_view::npos; }
+bool contains(std::string_view hay, std::string_view needle) {
+  return hay.find(needle) != std::string_view::npos;
+}
 
 // Jinja's |trim and Python's str.strip(): leading/trailing whitespace. We strip
 // ASCII whitespace only; Python also strips Unicode spaces (U+00A0, U+2000..),
@@ -96,8 +114,8 @@ std::string split_system_and_check_alternation(const Conversation& c, const char
   for (size_t k = 0; i < c.size(); ++i, ++k) {
     const Role want = k % 2 == 0 ? Role::user : Role::assistant;
     if (c[i].role != want)
-      fail("chat template ", tmpl, ": message ", i, " has role ", role_name(c[i].role), " but roles must alternate ",
-           "user/assistant/... after an optional leading system message");
+      fail("chat template ", tmpl, ": message ", i, " has role ", role_name(c[i].role),
+           " but roles must alternate ", "user/assistant/... after an optional leading system message");
     rest.push_back(&c[i]);
   }
   return system;
@@ -126,7 +144,8 @@ void render_llama3(const Conversation& c, bool v31, const TemplateOptions& o, Ou
     out.special("<|start_header_id|>", false);
     out.text("system", false);
     out.special("<|end_header_id|>", false);
-    out.text("\n\nCutting Knowledge Date: December 2023\nToday Date: " + o.date_string + "\n\n" + system, false);
+    out.text("\n\nCutting Knowledge Date: December 2023\nToday Date: " + o.date_string + "\n\n" + system,
+             false);
     out.special("<|eot_id|>", false);
   }
   for (; i < c.size(); ++i) {
@@ -185,7 +204,9 @@ void render_llama2(const Conversation& c, Out& out) {
 // and Nemo tokenizers [INST]/[/INST] are control tokens (special_text); in v1
 // they are plain text.
 void render_mistral(const Conversation& c, Kind k, Out& out) {
-  const char* name = k == Kind::mistral_v1 ? "mistral-v1" : k == Kind::mistral_v3 ? "mistral-v3" : "mistral-nemo";
+  const char* name = k == Kind::mistral_v1   ? "mistral-v1"
+                     : k == Kind::mistral_v3 ? "mistral-v3"
+                                             : "mistral-nemo";
   std::vector<const Message*> msgs;
   const std::string system = split_system_and_check_alternation(c, name, msgs);
   size_t last_user = 0;
@@ -223,12 +244,16 @@ void render_mistral(const Conversation& c, Kind k, Out& out) {
 // Qwen2.5 (fixtures/chat_templates/Qwen-Qwen2.5-7B-Instruct.jinja, no tools): the
 // same, but when the first message is not a system message it starts with
 //   "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+// SmolLM2-Instruct (the fixture GGUF's tokenizer.chat_template): the same with
+//   "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 // Trained: assistant content and its <|im_end|>; the "\n" after it is not
 // (the model stops at <|im_end|>).
-void render_chatml(const Conversation& c, bool qwen, Out& out) {
-  if (qwen && (c.empty() || c[0].role != Role::system)) {
+constexpr const char* kQwenSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+constexpr const char* kSmolLM2System = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+void render_chatml(const Conversation& c, const char* default_system, Out& out) {
+  if (default_system && (c.empty() || c[0].role != Role::system)) {
     out.special("<|im_start|>", false);
-    out.text("system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.", false);
+    out.text(std::string("system\n") + default_system, false);
     out.special("<|im_end|>", false);
     out.text("\n", false);
   }
@@ -262,10 +287,11 @@ void render_alpaca(const Conversation& c, const TemplateOptions& o, Out& out) {
     i = 1;
   } else {
     const bool input = i < c.size() && !c[i].input.empty();
-    preamble = input ? "Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request."
-                     : "Below is an instruction that describes a task. Write a response that appropriately "
-                       "completes the request.";
+    preamble =
+        input ? "Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request."
+              : "Below is an instruction that describes a task. Write a response that appropriately "
+                "completes the request.";
   }
   out.text(preamble + "\n\n", false);
   bool first = true;
@@ -276,7 +302,8 @@ void render_alpaca(const Conversation& c, const TemplateOptions& o, Out& out) {
       out.special(o.eos_token, true);
       continue;
     }
-    if (m.role == Role::system) fail("chat template alpaca: a system message is only allowed first (message ", i, ")");
+    if (m.role == Role::system)
+      fail("chat template alpaca: a system message is only allowed first (message ", i, ")");
     std::string p = first ? "" : "\n\n";
     p += "### Instruction:\n" + m.content + "\n\n";
     if (!m.input.empty()) p += "### Input:\n" + m.input + "\n\n";
@@ -290,7 +317,8 @@ void render_alpaca(const Conversation& c, const TemplateOptions& o, Out& out) {
 // No template: message contents concatenated as they are (prompt_completion
 // data becomes prompt + completion), with EOS after each assistant turn.
 void render_none(const Conversation& c, const TemplateOptions& o, Out& out) {
-  if (o.eos_token.empty()) fail("chat template none needs the tokenizer's EOS token (TemplateOptions::eos_token)");
+  if (o.eos_token.empty())
+    fail("chat template none needs the tokenizer's EOS token (TemplateOptions::eos_token)");
   for (const Message& m : c) {
     const bool asst = m.role == Role::assistant;
     out.text(m.user_text(), asst);
@@ -324,7 +352,9 @@ std::optional<ChatTemplate::Kind> ChatTemplate::detect(std::string_view j) {
   if (contains(j, "<|start_header_id|>") && contains(j, "<|eot_id|>"))
     return contains(j, "Cutting Knowledge Date") ? Kind::llama31 : Kind::llama3;
   if (contains(j, "<|im_start|>") && contains(j, "<|im_end|>"))
-    return contains(j, "You are Qwen") ? Kind::qwen25 : Kind::chatml;
+    return contains(j, "You are Qwen")   ? Kind::qwen25
+           : contains(j, "named SmolLM") ? Kind::smollm2
+                                         : Kind::chatml;
   if (contains(j, "[INST]")) {
     if (contains(j, "<<SYS>>")) return Kind::llama2;
     // How each generation quotes its user wrapper (see render_mistral).
@@ -342,9 +372,10 @@ ChatTemplate ChatTemplate::resolve(std::string_view name, const std::optional<st
     fail("chat_template: auto: the tokenizer has no chat_template in tokenizer_config.json; name one of: ",
          joined_names());
   if (auto k = detect(*jinja)) return ChatTemplate(*k, std::move(options));
-  fail("chat_template: auto: the tokenizer's chat_template is not one we support (we recognize Llama 3/3.1+, "
-       "Llama 2, Mistral v1/v3/Nemo, ChatML/Qwen2.5); name one of: ",
-       joined_names());
+  fail(
+      "chat_template: auto: the tokenizer's chat_template is not one we support (we recognize Llama 3/3.1+, "
+      "Llama 2, Mistral v1/v3/Nemo, ChatML/Qwen2.5/SmolLM2); name one of: ",
+      joined_names());
 }
 
 bool ChatTemplate::renders_bos() const {
@@ -354,8 +385,10 @@ bool ChatTemplate::renders_bos() const {
     case Kind::llama2:
     case Kind::mistral_v1:
     case Kind::mistral_v3:
-    case Kind::mistral_nemo: return true;
-    default: return false;
+    case Kind::mistral_nemo:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -363,16 +396,35 @@ std::vector<Segment> ChatTemplate::render(const Conversation& c) const {
   if (c.empty()) fail("chat template ", name(), ": empty conversation");
   Out out;
   switch (kind_) {
-    case Kind::llama3: render_llama3(c, false, options_, out); break;
-    case Kind::llama31: render_llama3(c, true, options_, out); break;
-    case Kind::llama2: render_llama2(c, out); break;
+    case Kind::llama3:
+      render_llama3(c, false, options_, out);
+      break;
+    case Kind::llama31:
+      render_llama3(c, true, options_, out);
+      break;
+    case Kind::llama2:
+      render_llama2(c, out);
+      break;
     case Kind::mistral_v1:
     case Kind::mistral_v3:
-    case Kind::mistral_nemo: render_mistral(c, kind_, out); break;
-    case Kind::chatml: render_chatml(c, false, out); break;
-    case Kind::qwen25: render_chatml(c, true, out); break;
-    case Kind::alpaca: render_alpaca(c, options_, out); break;
-    case Kind::none: render_none(c, options_, out); break;
+    case Kind::mistral_nemo:
+      render_mistral(c, kind_, out);
+      break;
+    case Kind::chatml:
+      render_chatml(c, nullptr, out);
+      break;
+    case Kind::qwen25:
+      render_chatml(c, kQwenSystem, out);
+      break;
+    case Kind::smollm2:
+      render_chatml(c, kSmolLM2System, out);
+      break;
+    case Kind::alpaca:
+      render_alpaca(c, options_, out);
+      break;
+    case Kind::none:
+      render_none(c, options_, out);
+      break;
   }
   return out.take();
 }

@@ -57,7 +57,19 @@ struct TemplateOptions {
 
 class ChatTemplate {
  public:
-  enum class Kind { llama3, llama31, llama2, mistral_v1, mistral_v3, mistral_nemo, chatml, qwen25, alpaca, none };
+  enum class Kind {
+    llama3,
+    llama31,
+    llama2,
+    mistral_v1,
+    mistral_v3,
+    mistral_nemo,
+    chatml,
+    qwen25,
+    smollm2,
+    alpaca,
+    none
+  };
 
   // By name (see names()); aliases: llama3.2/llama3.3 -> llama3.1,
   // mistral -> mistral-v1, smollm -> chatml, qwen/qwen2 -> qwen2.5. Unknown

@@ -7,6 +7,8 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/mapped_file.h"
+#include "io/gguf.h"
+#include "tokenizer/gguf_vocab.h"
 
 namespace qlora {
 
@@ -17,7 +19,9 @@ namespace {
 //   per sample: u64 n | int32 ids[n] | int32 labels[n]
 constexpr char kMagic[8] = {'Q', 'L', 'T', 'O', 'K', 'v', '0', '1'};
 
-void put_u64(std::string& out, uint64_t v) { out.append(reinterpret_cast<const char*>(&v), sizeof v); }
+void put_u64(std::string& out, uint64_t v) {
+  out.append(reinterpret_cast<const char*>(&v), sizeof v);
+}
 
 // A bounds-checked reader over the file bytes: any overrun means damage.
 struct Reader {
@@ -40,7 +44,9 @@ struct Reader {
 
 constexpr uint64_t kP1 = 0x9E3779B185EBCA87ull, kP2 = 0xC2B2AE3D27D4EB4Full, kP3 = 0x165667B19E3779F9ull;
 
-uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+uint64_t rotl(uint64_t x, int r) {
+  return (x << r) | (x >> (64 - r));
+}
 
 uint64_t avalanche(uint64_t h) {
   h ^= h >> 33;
@@ -152,10 +158,17 @@ std::string tokenized_cache_key(const std::vector<std::filesystem::path>& data_f
   h.add("qlora tokenized v2\n");
   for (const auto& f : data_files) add_file_digest(h, f);
   h.add("\ntokenizer\n");
+  if (is_gguf_file(tokenizer_dir)) {
+    // The tokenizer a GGUF model's metadata describes, not the whole (weights) file.
+    const GgufTokenizerFiles t = gguf_tokenizer_files(GgufFile(tokenizer_dir));
+    h.add(t.tokenizer_json.dump());
+    h.add(t.spm_model);
+    h.add(t.tokenizer_config.dump());
+  }
   for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}) {
     const auto p = std::filesystem::is_directory(tokenizer_dir) ? tokenizer_dir / name : tokenizer_dir;
     h.add(name);
-    if (std::filesystem::is_regular_file(p)) add_file_digest(h, p);
+    if (std::filesystem::is_regular_file(p) && !is_gguf_file(p)) add_file_digest(h, p);
   }
   h.add("\nsettings\n");
   h.add(settings);
@@ -171,7 +184,8 @@ void save_tokenized(const std::filesystem::path& file, std::string_view key,
   put_u64(head, samples.size());
   out.write(head);
   for (const auto& s : samples) {
-    if (s.labels.size() != s.input_ids.size()) fail("save_tokenized: a sample's labels and ids differ in length");
+    if (s.labels.size() != s.input_ids.size())
+      fail("save_tokenized: a sample's labels and ids differ in length");
     std::string n;
     put_u64(n, s.input_ids.size());
     out.write(n);
@@ -181,7 +195,8 @@ void save_tokenized(const std::filesystem::path& file, std::string_view key,
   out.commit();
 }
 
-std::optional<std::vector<TokenizedSample>> load_tokenized(const std::filesystem::path& file, std::string_view key) {
+std::optional<std::vector<TokenizedSample>> load_tokenized(const std::filesystem::path& file,
+                                                           std::string_view key) {
   // Read through a memory map: no copy of the whole file before the samples
   // are filled (cache files are only ever replaced by rename, never
   // rewritten in place, so the mapping cannot shrink under us).

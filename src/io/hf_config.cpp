@@ -9,11 +9,11 @@
 
 #include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
-#include <nlohmann/json.hpp>
-
 #include "core/error.h"
+#include "io/gguf_config.h"
 
 namespace qlora {
 
@@ -21,18 +21,24 @@ using nlohmann::json;
 
 std::string_view arch_name(Arch a) {
   switch (a) {
-    case Arch::Llama: return "llama";
-    case Arch::Mistral: return "mistral";
-    case Arch::Qwen2: return "qwen2";
+    case Arch::Llama:
+      return "llama";
+    case Arch::Mistral:
+      return "mistral";
+    case Arch::Qwen2:
+      return "qwen2";
   }
   return "?";
 }
 
 std::string_view rope_scaling_name(RopeScalingType t) {
   switch (t) {
-    case RopeScalingType::None: return "none";
-    case RopeScalingType::Linear: return "linear";
-    case RopeScalingType::Llama3: return "llama3";
+    case RopeScalingType::None:
+      return "none";
+    case RopeScalingType::Linear:
+      return "linear";
+    case RopeScalingType::Llama3:
+      return "llama3";
   }
   return "?";
 }
@@ -173,9 +179,12 @@ RopeScaling parse_rope_scaling(const json& rs, std::string_view source, const st
   if (!rs.is_object()) fail(source, ": \"", key, "\" must be an object or null, got ", show(rs));
   Keys k(rs, source, key + ".");
   std::string type;
-  if (k.has("rope_type")) type = k.opt_string("rope_type", "");
-  else if (k.has("type")) type = k.opt_string("type", "");
-  else fail(source, ": \"", key, "\" has no \"rope_type\" (or \"type\")");
+  if (k.has("rope_type"))
+    type = k.opt_string("rope_type", "");
+  else if (k.has("type"))
+    type = k.opt_string("type", "");
+  else
+    fail(source, ": \"", key, "\" has no \"rope_type\" (or \"type\")");
 
   RopeScaling out;
   if (type == "default") return out;  // plain RoPE, factor unused
@@ -193,8 +202,8 @@ RopeScaling parse_rope_scaling(const json& rs, std::string_view source, const st
     // The llama3 formula interpolates between the two wavelength bounds; equal
     // or swapped factors would divide by zero or invert the ramp.
     if (!(out.high_freq_factor > out.low_freq_factor))
-      fail(source, ": \"", key, ".high_freq_factor\" (", out.high_freq_factor,
-           ") must be greater than \"", key, ".low_freq_factor\" (", out.low_freq_factor, ")");
+      fail(source, ": \"", key, ".high_freq_factor\" (", out.high_freq_factor, ") must be greater than \"",
+           key, ".low_freq_factor\" (", out.low_freq_factor, ")");
     return out;
   }
   fail(source, ": ", key, " type \"", type, "\" is not supported (supported: none, linear, llama3)");
@@ -212,9 +221,9 @@ std::optional<BnbQuantConfig> parse_quantization(const json& q, std::string_view
   // transformers reads those as bitsandbytes, and so do we.
   std::string method = k.opt_string("quant_method", (in4 || in8) ? "bitsandbytes" : "");
   if (method.empty()) fail(source, ": \"", key, "\" has no \"quant_method\"; ", kOnly);
-  if (method != "bitsandbytes")
-    fail(source, ": quant_method \"", method, "\" is not supported; ", kOnly);
-  if (in8 || !in4) fail(source, ": ", key, " is bitsandbytes ", in8 ? "8-bit" : "without load_in_4bit", "; ", kOnly);
+  if (method != "bitsandbytes") fail(source, ": quant_method \"", method, "\" is not supported; ", kOnly);
+  if (in8 || !in4)
+    fail(source, ": ", key, " is bitsandbytes ", in8 ? "8-bit" : "without load_in_4bit", "; ", kOnly);
 
   // Absent keys take BitsAndBytesConfig's defaults (fp4, no double quant,
   // float32 compute), not QLoRA's: that is what bitsandbytes actually did to
@@ -222,7 +231,8 @@ std::optional<BnbQuantConfig> parse_quantization(const json& q, std::string_view
   BnbQuantConfig out;
   out.quant_type = k.opt_string("bnb_4bit_quant_type", "fp4");
   if (out.quant_type != "nf4" && out.quant_type != "fp4")
-    fail(source, ": \"", key, ".bnb_4bit_quant_type\" must be \"nf4\" or \"fp4\", got \"", out.quant_type, "\"");
+    fail(source, ": \"", key, ".bnb_4bit_quant_type\" must be \"nf4\" or \"fp4\", got \"", out.quant_type,
+         "\"");
   out.double_quant = k.opt_bool("bnb_4bit_use_double_quant", false);
   out.compute_dtype = k.opt_string("bnb_4bit_compute_dtype", "float32");
   out.quant_storage = k.opt_string("bnb_4bit_quant_storage", "uint8");
@@ -263,8 +273,8 @@ ModelConfig parse_model_config(const json& j, std::string_view source) {
     c.head_dim = c.hidden_size / c.num_attention_heads;
   }
   if (c.num_attention_heads % c.num_key_value_heads != 0)
-    fail(source, ": num_attention_heads (", c.num_attention_heads, ") is not divisible by num_key_value_heads (",
-         c.num_key_value_heads, "): GQA groups must be whole");
+    fail(source, ": num_attention_heads (", c.num_attention_heads,
+         ") is not divisible by num_key_value_heads (", c.num_key_value_heads, "): GQA groups must be whole");
 
   // transformers defaults: LlamaConfig 2048, MistralConfig 4096 * 32, Qwen2Config 32768.
   int64_t default_max_pos = 2048;
@@ -276,14 +286,16 @@ ModelConfig parse_model_config(const json& j, std::string_view source) {
   // Newer transformers nest rope_theta and the scaling in "rope_parameters";
   // the top-level keys win when both are present.
   const json* rope_params = k.find("rope_parameters");
-  if (rope_params && !rope_params->is_object())
-    k.wrong("rope_parameters", "an object or null", *rope_params);
+  if (rope_params && !rope_params->is_object()) k.wrong("rope_parameters", "an object or null", *rope_params);
   double theta_default = 10000.0;
   if (rope_params)
-    theta_default = Keys(*rope_params, source, "rope_parameters.").opt_positive_number("rope_theta", theta_default);
+    theta_default =
+        Keys(*rope_params, source, "rope_parameters.").opt_positive_number("rope_theta", theta_default);
   c.rope_theta = k.opt_positive_number("rope_theta", theta_default);
-  if (const json* rs = k.find("rope_scaling")) c.rope_scaling = parse_rope_scaling(*rs, source, "rope_scaling");
-  else if (rope_params) c.rope_scaling = parse_rope_scaling(*rope_params, source, "rope_parameters");
+  if (const json* rs = k.find("rope_scaling"))
+    c.rope_scaling = parse_rope_scaling(*rs, source, "rope_scaling");
+  else if (rope_params)
+    c.rope_scaling = parse_rope_scaling(*rope_params, source, "rope_parameters");
 
   c.tie_word_embeddings = k.opt_bool("tie_word_embeddings", false);
 
@@ -317,8 +329,10 @@ ModelConfig parse_model_config(const json& j, std::string_view source) {
 
   // PretrainedConfig leaves the ids unset; Llama/Mistral configs default to 1 and 2.
   const bool sp_defaults = c.arch != Arch::Qwen2;
-  c.bos_token_ids = k.opt_token_ids("bos_token_id", sp_defaults ? std::vector<int64_t>{1} : std::vector<int64_t>{});
-  c.eos_token_ids = k.opt_token_ids("eos_token_id", sp_defaults ? std::vector<int64_t>{2} : std::vector<int64_t>{});
+  c.bos_token_ids =
+      k.opt_token_ids("bos_token_id", sp_defaults ? std::vector<int64_t>{1} : std::vector<int64_t>{});
+  c.eos_token_ids =
+      k.opt_token_ids("eos_token_id", sp_defaults ? std::vector<int64_t>{2} : std::vector<int64_t>{});
 
   if (const json* q = k.find("quantization_config")) c.quantization = parse_quantization(*q, source);
   return c;
@@ -327,6 +341,8 @@ ModelConfig parse_model_config(const json& j, std::string_view source) {
 ModelConfig load_model_config(const std::filesystem::path& dir_or_file) {
   namespace fs = std::filesystem;
   std::error_code ec;
+  // A GGUF model carries its configuration in its metadata (io/gguf_config).
+  if (is_gguf_file(dir_or_file)) return gguf_model_config(GgufFile(dir_or_file));
   fs::path file = dir_or_file;
   if (fs::is_directory(dir_or_file, ec)) {
     file = dir_or_file / "config.json";

@@ -5,12 +5,11 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
 
 namespace qlora {
 
@@ -70,7 +69,8 @@ struct ModelConfig {
 // required keys and inconsistent values (heads not dividing, GQA groups not
 // whole, non-positive sizes) -> error naming the key and what was expected.
 ModelConfig parse_model_config(const nlohmann::json& j, std::string_view source);
-// Reads <dir>/config.json (or the file itself when given a file).
+// Reads <dir>/config.json (or the file itself when given a file; a GGUF
+// file gives the configuration its metadata describes, io/gguf_config.h).
 ModelConfig load_model_config(const std::filesystem::path& dir_or_file);
 
 }  // namespace qlora

@@ -6,7 +6,9 @@
 #include <vector>
 
 #include "core/error.h"
+#include "io/gguf.h"
 #include "io/safetensors.h"
+#include "model/gguf_weights.h"
 #include "model/tensor_table.h"
 #include "model/weights_layout.h"
 #include "quant/bnb_layout.h"
@@ -16,7 +18,9 @@ namespace qlora {
 
 namespace weights_detail {
 
-bool keeps_4bit(const TensorSlot& s, const WeightLoadOptions& opt) { return s.is_block_linear && opt.quantize; }
+bool keeps_4bit(const TensorSlot& s, const WeightLoadOptions& opt) {
+  return s.is_block_linear && opt.quantize;
+}
 
 // The same code sizes the arena (measuring) and then places views in it.
 std::vector<PlacedTensor> layout_weights(Arena& a, const std::vector<TensorSlot>& slots,
@@ -88,25 +92,63 @@ void bind_weights(LlamaWeights& w, const std::vector<TensorSlot>& slots,
     const PlacedTensor& p = placed[i];
     LlamaLayerWeights* L = s.layer >= 0 ? &w.layers[size_t(s.layer)] : nullptr;
     switch (s.kind) {
-      case TensorKind::Embed: w.embed = p.dense; break;
-      case TensorKind::LmHead: w.lm_head = p.dense; break;
-      case TensorKind::FinalNorm: w.final_norm = p.dense; break;
-      case TensorKind::AttnNorm: L->attn_norm = p.dense; break;
-      case TensorKind::MlpNorm: L->mlp_norm = p.dense; break;
-      case TensorKind::Q: L->q = linear(s, p, opt); break;
-      case TensorKind::K: L->k = linear(s, p, opt); break;
-      case TensorKind::V: L->v = linear(s, p, opt); break;
-      case TensorKind::O: L->o = linear(s, p, opt); break;
-      case TensorKind::Gate: L->gate = linear(s, p, opt); break;
-      case TensorKind::Up: L->up = linear(s, p, opt); break;
-      case TensorKind::Down: L->down = linear(s, p, opt); break;
-      case TensorKind::QBias: L->q_bias = p.dense; break;
-      case TensorKind::KBias: L->k_bias = p.dense; break;
-      case TensorKind::VBias: L->v_bias = p.dense; break;
-      case TensorKind::OBias: L->o_bias = p.dense; break;
-      case TensorKind::GateBias: L->gate_bias = p.dense; break;
-      case TensorKind::UpBias: L->up_bias = p.dense; break;
-      case TensorKind::DownBias: L->down_bias = p.dense; break;
+      case TensorKind::Embed:
+        w.embed = p.dense;
+        break;
+      case TensorKind::LmHead:
+        w.lm_head = p.dense;
+        break;
+      case TensorKind::FinalNorm:
+        w.final_norm = p.dense;
+        break;
+      case TensorKind::AttnNorm:
+        L->attn_norm = p.dense;
+        break;
+      case TensorKind::MlpNorm:
+        L->mlp_norm = p.dense;
+        break;
+      case TensorKind::Q:
+        L->q = linear(s, p, opt);
+        break;
+      case TensorKind::K:
+        L->k = linear(s, p, opt);
+        break;
+      case TensorKind::V:
+        L->v = linear(s, p, opt);
+        break;
+      case TensorKind::O:
+        L->o = linear(s, p, opt);
+        break;
+      case TensorKind::Gate:
+        L->gate = linear(s, p, opt);
+        break;
+      case TensorKind::Up:
+        L->up = linear(s, p, opt);
+        break;
+      case TensorKind::Down:
+        L->down = linear(s, p, opt);
+        break;
+      case TensorKind::QBias:
+        L->q_bias = p.dense;
+        break;
+      case TensorKind::KBias:
+        L->k_bias = p.dense;
+        break;
+      case TensorKind::VBias:
+        L->v_bias = p.dense;
+        break;
+      case TensorKind::OBias:
+        L->o_bias = p.dense;
+        break;
+      case TensorKind::GateBias:
+        L->gate_bias = p.dense;
+        break;
+      case TensorKind::UpBias:
+        L->up_bias = p.dense;
+        break;
+      case TensorKind::DownBias:
+        L->down_bias = p.dense;
+        break;
     }
   }
   if (w.cfg.tie_word_embeddings) w.lm_head = w.embed;
@@ -138,10 +180,10 @@ namespace {
 
 using weights_detail::PlacedTensor;
 
-void check_finite(const float* x, int64_t n, const std::string& name, const SafetensorsModel& m) {
+void check_finite(const float* x, int64_t n, const std::string& name, const std::string& source) {
   for (int64_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i]))
-      fail("tensor ", name, " in ", m.source().string(), " holds a non-finite value (", x[i], ") at flat index ", i);
+      fail("tensor ", name, " in ", source, " holds a non-finite value (", x[i], ") at flat index ", i);
 }
 
 // A plain (not 4-bit) tensor as fp32.
@@ -152,7 +194,7 @@ std::vector<float> read_f32(const SafetensorsModel& m, const std::string& name) 
          "; expected F32, BF16 or F16");
   std::vector<float> v(size_t(e.info->numel()));
   convert_to_f32(m.data(name).data(), e.info->dtype, v.size(), v.data());
-  check_finite(v.data(), int64_t(v.size()), name, m);
+  check_finite(v.data(), int64_t(v.size()), name, m.source().string());
   return v;
 }
 
@@ -174,8 +216,8 @@ struct CheckedFolder {
   std::vector<std::string> bnb;   // the checkpoint's 4-bit tensors, sorted
 };
 
-CheckedFolder check_folder(const std::filesystem::path& dir, const SafetensorsModel& m, const ModelConfig& cfg,
-                           const WeightLoadOptions& opt_in) {
+CheckedFolder check_folder(const std::filesystem::path& dir, const SafetensorsModel& m,
+                           const ModelConfig& cfg, const WeightLoadOptions& opt_in) {
   CheckedFolder f;
   f.cfg = cfg;
   f.slots = expected_tensors(cfg);
@@ -207,14 +249,16 @@ CheckedFolder check_folder(const std::filesystem::path& dir, const SafetensorsMo
   }
   if (!bnb.empty()) opt.double_quant = all_nested;
   const TensorCheck check = check_tensors(f.slots, present);
-  if (!check.ok()) fail(m.source().string(), " does not match ", dir.string(), "/config.json:\n", check.report());
+  if (!check.ok())
+    fail(m.source().string(), " does not match ", dir.string(), "/config.json:\n", check.report());
   if (opt.quantize && !valid_block4(opt.block)) fail("invalid 4-bit block size ", opt.block);
   return f;
 }
 
 ModelConfig load_checked_config(const std::filesystem::path& dir) {
   ModelConfig cfg = load_model_config(dir);
-  if (cfg.head_dim % 2 != 0) fail(dir.string(), "/config.json: head_dim ", cfg.head_dim, " must be even for RoPE");
+  if (cfg.head_dim % 2 != 0)
+    fail(dir.string(), "/config.json: head_dim ", cfg.head_dim, " must be even for RoPE");
   return cfg;
 }
 
@@ -222,7 +266,8 @@ ModelConfig load_checked_config(const std::filesystem::path& dir) {
 class ArenaSink final : public WeightSink {
  public:
   explicit ArenaSink(LlamaWeights& w) : w_(w) {}
-  void begin(const ModelConfig& cfg, const WeightLoadOptions& opt, const std::vector<TensorSlot>& slots) override {
+  void begin(const ModelConfig& cfg, const WeightLoadOptions& opt,
+             const std::vector<TensorSlot>& slots) override {
     w_.cfg = cfg;
     opt_ = opt;
     slots_ = slots;
@@ -261,71 +306,92 @@ class ArenaSink final : public WeightSink {
 }  // namespace
 
 ModelConfig check_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt) {
+  if (is_gguf_file(dir)) return GgufModel(dir).config();
   const ModelConfig cfg = load_checked_config(dir);
   const SafetensorsModel m(dir);
   return check_folder(dir, m, cfg, opt).cfg;
 }
 
-void stream_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt_in, WeightSink& sink) {
+namespace {
+
+// Hands slot i to the sink in its final form. The values arrive either as
+// fp32 (`dense`: an HF or GGUF tensor; quantized here when the slot keeps
+// 4 bits) or as a bitsandbytes checkpoint's 4-bit form (`q`, when `dense` is
+// empty). `source` names the file for errors.
+void deliver(size_t i, const TensorSlot& s, std::vector<float> dense, Quant4Tensor q,
+             const WeightLoadOptions& opt, const std::string& source, WeightSink& sink) {
+  const int64_t n = shape_numel(s.shape);
+  const bool keep4 = weights_detail::keeps_4bit(s, opt);
+  StreamedTensor t;
+  t.index = i;
+  t.slot = &s;
+  t.numel = n;
+  std::vector<float> scales;
+  if (dense.empty()) {  // a checkpoint's 4-bit weight
+    if (!keep4) {
+      dense.resize(size_t(n));
+      dequantize_tensor(q, dense.data());
+      check_finite(dense.data(), n, s.name, source);
+    }
+  } else if (keep4) {
+    q = quantize_tensor(dense.data(), s.shape, opt.type, opt.block, opt.double_quant);
+    dense = std::vector<float>();  // the 4-bit form replaces it
+  }
+  if (keep4) {
+    // The block scales: the kept double-quantized form and its decode, or
+    // plain fp32 scales (decoded here if the file nests them).
+    const int64_t nblocks = quant4_num_blocks(n, q.block);
+    t.codes = q.codes.data();
+    if (opt.double_quant) {
+      if (!q.nested) fail("internal: ", s.name, " has no double-quantized scales to keep");
+      const NestedAbsmax& nq = *q.nested;
+      weights_detail::check_nested_scales(nblocks, nq, s.name);
+      scales.resize(size_t(nblocks));
+      // The reference decode itself, so the fp32 scales equal the kept form's by construction.
+      double_dequantize(nq, scales.data());
+      t.absmax8 = nq.codes.data();
+      t.nested_absmax = nq.nested_absmax.data();
+      t.code8 = nq.code8.empty() ? dynamic_map_signed().data() : nq.code8.data();
+      t.offset = nq.offset;
+    } else if (q.nested) {
+      scales = q.block_scales();
+    } else {
+      scales = std::move(q.absmax);
+    }
+    check_finite(scales.data(), nblocks, s.name + " (absmax)", source);
+    t.scales = scales.data();
+  } else {
+    t.dense = dense.data();
+  }
+  sink.put(t);
+}
+
+// A GGUF model: every tensor dequantized to fp32, then as an HF tensor.
+void stream_gguf_weights(const std::filesystem::path& file, const WeightLoadOptions& opt, WeightSink& sink) {
+  const GgufModel m(file);
+  if (opt.quantize && !valid_block4(opt.block)) fail("invalid 4-bit block size ", opt.block);
+  sink.begin(m.config(), opt, m.slots());
+  for (size_t i = 0; i < m.slots().size(); ++i)
+    deliver(i, m.slots()[i], m.read(i), Quant4Tensor{}, opt, m.file().path().string(), sink);
+}
+
+}  // namespace
+
+void stream_llama_weights(const std::filesystem::path& dir, const WeightLoadOptions& opt_in,
+                          WeightSink& sink) {
+  if (is_gguf_file(dir)) return stream_gguf_weights(dir, opt_in, sink);
   const ModelConfig cfg = load_checked_config(dir);
   const SafetensorsModel m(dir);
   const CheckedFolder f = check_folder(dir, m, cfg, opt_in);
-  const WeightLoadOptions& opt = f.opt;
   const std::vector<std::string>& bnb = f.bnb;
-  sink.begin(f.cfg, opt, f.slots);
-
+  sink.begin(f.cfg, f.opt, f.slots);
   for (size_t i = 0; i < f.slots.size(); ++i) {
     const TensorSlot& s = f.slots[i];
-    const int64_t n = shape_numel(s.shape);
-    const bool keep4 = weights_detail::keeps_4bit(s, opt);
-    StreamedTensor t;
-    t.index = i;
-    t.slot = &s;
-    t.numel = n;
     // Each holds this tensor only, freed when the iteration ends.
-    std::vector<float> dense, scales;
-    Quant4Tensor q;
-    if (std::binary_search(bnb.begin(), bnb.end(), s.name)) {
-      q = load_bnb_weight(m, s.name);
-      if (!keep4) {
-        dense.resize(size_t(n));
-        dequantize_tensor(q, dense.data());
-        check_finite(dense.data(), n, s.name, m);
-      }
-    } else {
-      dense = read_f32(m, s.name);
-      if (keep4) {
-        q = quantize_tensor(dense.data(), s.shape, opt.type, opt.block, opt.double_quant);
-        dense = std::vector<float>();  // the 4-bit form replaces it
-      }
-    }
-    if (keep4) {
-      // The block scales: the kept double-quantized form and its decode, or
-      // plain fp32 scales (decoded here if the file nests them).
-      const int64_t nblocks = quant4_num_blocks(n, q.block);
-      t.codes = q.codes.data();
-      if (opt.double_quant) {
-        if (!q.nested) fail("internal: ", s.name, " has no double-quantized scales to keep");
-        const NestedAbsmax& nq = *q.nested;
-        weights_detail::check_nested_scales(nblocks, nq, s.name);
-        scales.resize(size_t(nblocks));
-        // The reference decode itself, so the fp32 scales equal the kept form's by construction.
-        double_dequantize(nq, scales.data());
-        t.absmax8 = nq.codes.data();
-        t.nested_absmax = nq.nested_absmax.data();
-        t.code8 = nq.code8.empty() ? dynamic_map_signed().data() : nq.code8.data();
-        t.offset = nq.offset;
-      } else if (q.nested) {
-        scales = q.block_scales();
-      } else {
-        scales = std::move(q.absmax);
-      }
-      check_finite(scales.data(), nblocks, s.name + " (absmax)", m);
-      t.scales = scales.data();
-    } else {
-      t.dense = dense.data();
-    }
-    sink.put(t);
+    if (std::binary_search(bnb.begin(), bnb.end(), s.name))
+      deliver(i, s, {}, load_bnb_weight(m, s.name), f.opt, m.source().string(), sink);
+    else
+      deliver(i, s, read_f32(m, s.name), Quant4Tensor{}, f.opt, m.source().string(), sink);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <system_error>
 
 #include "core/error.h"
+#include "io/gguf.h"
 #include "model/builtin.h"
 #include "plan/plan.h"
 #include "quant/bnb_layout.h"
@@ -37,12 +38,15 @@ uint64_t estimated_tokens(const Recipe& r) {
 ModelConfig model_config_for(const Recipe& r) {
   const std::filesystem::path dir = resolve_model_path(r.model.path);
   std::error_code ec;
-  if (std::filesystem::is_regular_file(dir / "config.json", ec)) return load_model_config(dir);
+  if (std::filesystem::is_regular_file(dir / "config.json", ec) || is_gguf_file(dir))
+    return load_model_config(dir);
   if (!r.model.preset.empty()) return preset_config(r.model.preset);
   std::string known;
   for (const auto& n : preset_names()) known += str(known.empty() ? "" : ", ", n);
   fail("model.path: ", dir.string(),
-       " has no config.json; to plan without the model files set model.preset to one of ", known);
+       " has no config.json (and is no GGUF file); to plan without the model files set model.preset to one "
+       "of ",
+       known);
 }
 
 PlanInput plan_input_from_recipe(const Recipe& r, const ModelConfig& cfg) {

@@ -18,9 +18,12 @@ namespace {
 
 class SpmTokenizer final : public Tokenizer {
  public:
-  SpmTokenizer(const std::filesystem::path& file, TokenizerConfig cfg) : cfg_(std::move(cfg)) {
-    const auto st = sp_.Load(file.string());
-    if (!st.ok()) fail(file.string(), ": cannot load SentencePiece model: ", st.ToString());
+  // `model` is a file path, or (from_bytes) the serialized model itself;
+  // `source` names it in errors.
+  SpmTokenizer(const std::string& model, bool from_bytes, const std::string& source, TokenizerConfig cfg)
+      : cfg_(std::move(cfg)) {
+    const auto st = from_bytes ? sp_.LoadFromSerializedProto(model) : sp_.Load(model);
+    if (!st.ok()) fail(source, ": cannot load SentencePiece model: ", st.ToString());
     for (int id = 0; id < sp_.GetPieceSize(); ++id) {
       if (!sp_.IsControl(id) && !sp_.IsUnknown(id)) continue;
       AddedToken t;
@@ -100,7 +103,12 @@ class SpmTokenizer final : public Tokenizer {
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& file, TokenizerConfig config) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(file, ec)) fail(file.string(), ": no such tokenizer file");
-  return std::make_unique<SpmTokenizer>(file, std::move(config));
+  return std::make_unique<SpmTokenizer>(file.string(), false, file.string(), std::move(config));
+}
+
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_bytes, const std::string& source,
+                                              TokenizerConfig config) {
+  return std::make_unique<SpmTokenizer>(model_bytes, true, source, std::move(config));
 }
 
 }  // namespace qlora::tok

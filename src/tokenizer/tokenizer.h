@@ -26,8 +26,9 @@ class Tokenizer {
 
   // Loads <dir>/tokenizer.json, else <dir>/tokenizer.model (a file path is
   // accepted too). Reads tokenizer_config.json when present (bos/eos,
-  // add_bos_token, chat_template). Errors name the file and the unsupported
-  // feature.
+  // add_bos_token, chat_template). A GGUF file gives the tokenizer its
+  // metadata describes (tokenizer/gguf_vocab.h). Errors name the file and the
+  // unsupported feature.
   static std::unique_ptr<Tokenizer> load(const std::filesystem::path& dir_or_file);
 
   // Text -> ids. Added/special tokens present in the text are matched before

@@ -32,17 +32,20 @@ struct Template {
 void parse_template_processing(const json& j, const std::string& file, Template& t) {
   std::unordered_map<std::string, std::vector<TokenId>> specials;
   if (j.contains("special_tokens"))
-    for (const auto& [name, v] : j.at("special_tokens").items()) specials[name] = v.at("ids").get<std::vector<TokenId>>();
+    for (const auto& [name, v] : j.at("special_tokens").items())
+      specials[name] = v.at("ids").get<std::vector<TokenId>>();
   t.present = true;
   bool seen_a = false;
   for (const auto& item : j.at("single")) {
     if (item.contains("Sequence")) {
-      if (item.at("Sequence").value("id", "A") != "A") fail(file, ": TemplateProcessing single template uses sequence B");
+      if (item.at("Sequence").value("id", "A") != "A")
+        fail(file, ": TemplateProcessing single template uses sequence B");
       seen_a = true;
     } else if (item.contains("SpecialToken")) {
       const std::string name = item.at("SpecialToken").at("id").get<std::string>();
       const auto it = specials.find(name);
-      if (it == specials.end()) fail(file, ": TemplateProcessing names special token '", name, "' it does not define");
+      if (it == specials.end())
+        fail(file, ": TemplateProcessing names special token '", name, "' it does not define");
       auto& dst = seen_a ? t.after : t.before;
       dst.insert(dst.end(), it->second.begin(), it->second.end());
     } else {
@@ -61,7 +64,8 @@ void parse_post_processor(const json& j, const std::string& file, Template& t) {
   } else if (type == "TemplateProcessing") {
     parse_template_processing(j, file, t);
   } else if (type != "ByteLevel") {
-    fail(file, ": unsupported post-processor type '", type, "' (supported: TemplateProcessing, ByteLevel, Sequence)");
+    fail(file, ": unsupported post-processor type '", type,
+         "' (supported: TemplateProcessing, ByteLevel, Sequence)");
   }
 }
 
@@ -250,8 +254,8 @@ std::vector<TokenId> HfTokenizer::encode(std::string_view text, bool add_special
       if (s.id >= 0)
         out.push_back(s.id);
       else
-        encode_text(std::string_view(norm).substr(s.begin, s.end - s.begin), first && s.begin == 0, out, pieces,
-                    scratch);
+        encode_text(std::string_view(norm).substr(s.begin, s.end - s.begin), first && s.begin == 0, out,
+                    pieces, scratch);
     }
   }
   if (add_special) out.insert(out.end(), template_.after.begin(), template_.after.end());
@@ -265,7 +269,8 @@ std::string HfTokenizer::piece(TokenId id) const {
 }
 
 std::optional<TokenId> HfTokenizer::token_id(std::string_view p) const {
-  if (const auto it = added_by_content_.find(std::string(p)); it != added_by_content_.end()) return it->second;
+  if (const auto it = added_by_content_.find(std::string(p)); it != added_by_content_.end())
+    return it->second;
   return bpe_->find(p);
 }
 
@@ -303,11 +308,16 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& file
   } catch (const json::exception& e) {
     fail(file.string(), ": malformed JSON: ", e.what());
   }
+  return load_tokenizer_json(j, file.string(), std::move(config));
+}
+
+std::unique_ptr<Tokenizer> load_tokenizer_json(const nlohmann::json& j, const std::string& source,
+                                               TokenizerConfig config) {
   try {
-    return std::make_unique<HfTokenizer>(file.string(), j, std::move(config));
+    return std::make_unique<HfTokenizer>(source, j, std::move(config));
   } catch (const json::exception& e) {
     // A field of the wrong type or a missing key: name the file.
-    fail(file.string(), ": unexpected tokenizer.json content: ", e.what());
+    fail(source, ": unexpected tokenizer.json content: ", e.what());
   }
 }
 

@@ -15,6 +15,7 @@
 #include "plan/cuda_constants.h"
 #include "quant/bnb_layout.h"
 #include "tools/model_folder.h"
+#include "tools/model_input.h"
 #include "tools/quantize_gpu.h"
 
 namespace qlora {
@@ -35,7 +36,7 @@ constexpr int64_t kMaxStateBytes = 999;
 
 struct PlannedTensor {
   const TensorSlot* slot;
-  const SafetensorsModel::Entry* src;
+  size_t index;  // into ModelInput::slots()
   bool quantize;
 };
 
@@ -47,8 +48,8 @@ struct Shard {
 uint64_t output_bytes_of(const PlannedTensor& t, const QuantizeOptions& opt) {
   if (!t.quantize) return uint64_t(shape_numel(t.slot->shape)) * 2;
   uint64_t b = kMaxStateBytes;
-  for (const TensorSpec& s : bnb_tensor_specs_before_state(t.slot->name, t.slot->shape, opt.type, opt.block,
-                                                           opt.double_quant))
+  for (const TensorSpec& s :
+       bnb_tensor_specs_before_state(t.slot->name, t.slot->shape, opt.type, opt.block, opt.double_quant))
     b += s.nbytes();
   return b;
 }
@@ -62,7 +63,10 @@ class ShardWriter {
  public:
   ShardWriter(const fs::path& dest, std::vector<TensorSpec> body, std::vector<std::string> state_names,
               std::map<std::string, std::string> metadata)
-      : file_(dest), body_(std::move(body)), state_names_(std::move(state_names)), metadata_(std::move(metadata)) {
+      : file_(dest),
+        body_(std::move(body)),
+        state_names_(std::move(state_names)),
+        metadata_(std::move(metadata)) {
     // Worst case: every state tensor at its maximum size.
     std::vector<TensorSpec> worst = body_;
     for (const auto& n : state_names_) worst.push_back({n, DType::U8, {kMaxStateBytes}});
@@ -75,19 +79,22 @@ class ShardWriter {
   void write(const void* p, size_t n) { file_.write(p, n); }
 
   void add_state(std::string json) {
-    if (int64_t(json.size()) > kMaxStateBytes) fail("quant state JSON longer than ", kMaxStateBytes, " bytes");
+    if (int64_t(json.size()) > kMaxStateBytes)
+      fail("quant state JSON longer than ", kMaxStateBytes, " bytes");
     states_.push_back(std::move(json));
   }
 
   uint64_t commit() {
-    if (states_.size() != state_names_.size()) fail(file_.dest().string(), ": internal error: quant states missing");
+    if (states_.size() != state_names_.size())
+      fail(file_.dest().string(), ": internal error: quant states missing");
     std::vector<TensorSpec> all = body_;
     for (size_t i = 0; i < states_.size(); ++i) {
       all.push_back({state_names_[i], DType::U8, {int64_t(states_[i].size())}});
       file_.write(states_[i]);
     }
     std::string header = safetensors_header_json(all, metadata_);
-    if (8 + header.size() > reserved_) fail(file_.dest().string(), ": internal error: header outgrew its reserve");
+    if (8 + header.size() > reserved_)
+      fail(file_.dest().string(), ": internal error: header outgrew its reserve");
     header.append(reserved_ - 8 - header.size(), ' ');
     uint8_t len[8];
     const uint64_t n = header.size();
@@ -109,11 +116,11 @@ class ShardWriter {
 };
 
 // gpu: null for the CPU path.
-void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptions& opt,
-                     std::vector<float>& buf, GpuQuantizer* gpu,
+void write_quantized(ShardWriter& w, const PlannedTensor& t, const StoredTensor& in,
+                     const QuantizeOptions& opt, std::vector<float>& buf, GpuQuantizer* gpu,
                      const std::function<void(uint64_t)>& progressed) {
-  const auto src = t.src->file->data(*t.src->info);
-  const DType dt = t.src->info->dtype;
+  const auto src = in.bytes;
+  const DType dt = in.dtype;
   const int64_t n = shape_numel(t.slot->shape);
   Quant4Tensor q;
   q.type = opt.type;
@@ -121,7 +128,7 @@ void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptio
   q.shape = t.slot->shape;
   q.absmax.resize(size_t(quant4_num_blocks(n, opt.block)));
   if (gpu != nullptr) {
-    gpu->quantize({src, dt, n, t.src->file}, q.absmax.data(),
+    gpu->quantize({src, dt, n, in.file}, q.absmax.data(),
                   [&](std::span<const uint8_t> codes, uint64_t in_bytes) {
                     w.write(codes.data(), codes.size());
                     progressed(in_bytes);
@@ -131,7 +138,7 @@ void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptio
     for (int64_t c = 0; c < n; c += kChunk) {
       const int64_t len = std::min(kChunk, n - c);
       tensor_range_to_f32(src, dt, c, c + len, buf.data());
-      t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
+      in.release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
       codes.resize(size_t(quant4_code_bytes(len)));
       quantize4(buf.data(), len, opt.block, opt.type, codes.data(), q.absmax.data() + c / opt.block);
       w.write(codes.data(), codes.size());
@@ -149,16 +156,16 @@ void write_quantized(ShardWriter& w, const PlannedTensor& t, const QuantizeOptio
   w.add_state(std::string(parts.back().bytes.begin(), parts.back().bytes.end()));
 }
 
-void write_kept(ShardWriter& w, const PlannedTensor& t, std::vector<float>& buf,
+void write_kept(ShardWriter& w, const PlannedTensor& t, const StoredTensor& in, std::vector<float>& buf,
                 const std::function<void(uint64_t)>& progressed) {
-  const auto src = t.src->file->data(*t.src->info);
-  const DType dt = t.src->info->dtype;
+  const auto src = in.bytes;
+  const DType dt = in.dtype;
   if (dt == DType::BF16) {  // already in the output dtype: straight from the mapping
     const size_t step = size_t(kChunk) * 2;
     for (size_t off = 0; off < src.size(); off += step) {
       const auto piece = src.subspan(off, std::min(step, src.size() - off));
       w.write(piece.data(), piece.size());
-      t.src->file->release(piece);
+      in.release(piece);
       progressed(piece.size());
     }
     return;
@@ -168,7 +175,7 @@ void write_kept(ShardWriter& w, const PlannedTensor& t, std::vector<float>& buf,
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
     tensor_range_to_f32(src, dt, c, c + len, buf.data());
-    t.src->file->release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
+    in.release(src.subspan(size_t(c) * dtype_size(dt), size_t(len) * dtype_size(dt)));
     out.resize(size_t(len));
     convert_from_f32(buf.data(), size_t(len), DType::BF16, out.data());
     w.write(out.data(), out.size() * 2);
@@ -225,38 +232,39 @@ std::string bnb_quantization_config_json(const QuantizeOptions& opt) {
 
 QuantizeReport quantize_model(const fs::path& input, const fs::path& output, const QuantizeOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
-  if (!valid_block4(opt.block))
+  if (opt.quantize && !valid_block4(opt.block))
     fail("--block-size ", opt.block, " is not supported (expected a power of two from 32 to 4096)");
-  if (!fs::is_directory(input)) fail(input.string(), ": not a model folder (expected config.json + *.safetensors)");
-  const ModelConfig cfg = load_model_config(input);
+  // Checks the files against the architecture's table before writing anything.
+  const ModelInput model(input);
+  const ModelConfig& cfg = model.config();
   if (cfg.quantization)
     fail(input.string(), ": the model is already quantized (config.json has a quantization_config)");
-  const SafetensorsModel model(input);
-
-  // Check the files against the architecture's table before writing anything.
-  const std::vector<TensorSlot> slots = expected_tensors(cfg);
-  std::vector<PresentTensor> present;
-  for (const auto& n : model.names()) present.push_back({n, model.at(n).info->shape});
-  const TensorCheck check = check_tensors(slots, present);
-  if (!check.ok()) fail(input.string(), ": the weights do not match config.json:\n", check.report());
+  const std::vector<TensorSlot>& slots = model.slots();
 
   // Plan: tensors in model order, cut into shards.
   std::vector<Shard> shards(1);
   QuantizeReport rep;
-  for (const TensorSlot& s : slots) {
-    PlannedTensor t{&s, &model.at(s.name), s.is_block_linear};
-    if (!dtype_is_float(t.src->info->dtype) || t.src->info->dtype == DType::F64 ||
-        t.src->info->dtype == DType::F8_E4M3 || t.src->info->dtype == DType::F8_E5M2)
-      fail(t.src->file->path().string(), ": tensor ", s.name, " has dtype ", dtype_name(t.src->info->dtype),
-           ", expected F32, F16 or BF16");
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const TensorSlot& s = slots[i];
+    PlannedTensor t{&s, i, opt.quantize && s.is_block_linear};
+    if (const SafetensorsModel* st = model.safetensors()) {
+      const auto& e = st->at(s.name);
+      const DType dt = e.info->dtype;
+      if (dt == DType::F64 || dt == DType::F8_E4M3 || dt == DType::F8_E5M2)
+        fail(e.file->path().string(), ": tensor ", s.name, " has dtype ", dtype_name(dt),
+             ", expected F32, F16 or BF16");
+    }
     const uint64_t b = output_bytes_of(t, opt);
-    if (!shards.back().tensors.empty() && shards.back().bytes + b > opt.max_shard_bytes) shards.emplace_back();
+    if (!shards.back().tensors.empty() && shards.back().bytes + b > opt.max_shard_bytes)
+      shards.emplace_back();
     shards.back().tensors.push_back(t);
     shards.back().bytes += b;
-    rep.input_bytes += t.src->info->nbytes();
+    rep.input_bytes += model.stored_bytes(i);
     rep.params += shape_numel(s.shape);
-    if (t.quantize) rep.quantized_params += shape_numel(s.shape), ++rep.quantized_tensors;
-    else ++rep.kept_tensors;
+    if (t.quantize)
+      rep.quantized_params += shape_numel(s.shape), ++rep.quantized_tensors;
+    else
+      ++rep.kept_tensors;
   }
   // A tied model that also ships an lm_head.weight copy (check_tensors accepts
   // it) loses the copy: the table of a tied model has no lm_head.
@@ -264,9 +272,11 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
 
   int64_t largest_quantized = 0;
   for (const TensorSlot& s : slots)
-    if (s.is_block_linear) largest_quantized = std::max(largest_quantized, shape_numel(s.shape));
+    if (opt.quantize && s.is_block_linear)
+      largest_quantized = std::max(largest_quantized, shape_numel(s.shape));
   // Before the output folder is touched: --device cuda without a GPU fails here.
-  const std::unique_ptr<GpuQuantizer> gpu = open_quantize_device(opt, largest_quantized, rep);
+  const std::unique_ptr<GpuQuantizer> gpu =
+      largest_quantized > 0 ? open_quantize_device(opt, largest_quantized, rep) : nullptr;
 
   AtomicDir out(output, opt.force);
   Progress bar("quantize", rep.input_bytes, "B", opt.progress);
@@ -295,8 +305,12 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
     for (const auto& n : state_names) weight_map[n] = fname;
     ShardWriter w(out.path() / fname, std::move(body), std::move(state_names), {{"format", "pt"}});
     for (const PlannedTensor& t : shards[si].tensors) {
-      if (t.quantize) write_quantized(w, t, opt, buf, gpu.get(), progressed);
-      else write_kept(w, t, buf, progressed);
+      // Holds this tensor only (a GGUF tensor dequantized), freed before the next.
+      const StoredTensor in = model.tensor(t.index);
+      if (t.quantize)
+        write_quantized(w, t, in, opt, buf, gpu.get(), progressed);
+      else
+        write_kept(w, t, in, buf, progressed);
     }
     rep.output_bytes += w.commit();
   }
@@ -306,13 +320,14 @@ QuantizeReport quantize_model(const fs::path& input, const fs::path& output, con
     write_safetensors_index(out.path() / "model.safetensors.index.json", total, weight_map);
   }
 
-  // config.json: the input's, with quantization_config and the BF16 dtype.
-  auto cj = nlohmann::ordered_json::parse(read_text_file(input / "config.json"));
-  cj["quantization_config"] = nlohmann::ordered_json::parse(bnb_quantization_config_json(opt));
+  // config.json: the input's (or the GGUF metadata's), with quantization_config and the BF16 dtype.
+  auto cj = model.config_json();
+  if (opt.quantize)
+    cj["quantization_config"] = nlohmann::ordered_json::parse(bnb_quantization_config_json(opt));
   cj["torch_dtype"] = "bfloat16";
   write_file_atomic(out.path() / "config.json", cj.dump(2) + "\n");
   // Tokenizer, generation config, chat template, licence: every other plain file.
-  copy_model_side_files(input, out.path());
+  model.write_side_files(out.path());
   out.commit();
   bar.finish();
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -1,4 +1,4 @@
-// `qlora quantize`: an HF model folder -> the same model with the linear
+// `qlora quantize`: an HF model folder or a GGUF file -> the same model with the linear
 // layers of every block in bitsandbytes 4-bit form (quant/bnb_layout.h),
 // embeddings, norms and lm_head in BF16, tokenizer and generation files
 // copied, and quantization_config in config.json, so that transformers +
@@ -28,12 +28,15 @@ namespace qlora {
 enum class QuantDevice : uint8_t { automatic, cpu, cuda };
 
 struct QuantizeOptions {
+  // false (`--type none`): every tensor kept in BF16, a plain HF folder (the
+  // GGUF -> Hugging Face conversion).
+  bool quantize = true;
   Quant4Type type = Quant4Type::NF4;
   int64_t block = kDefaultBlock4;
   bool double_quant = true;
-  bool force = false;                        // replace an existing output folder
-  uint64_t max_shard_bytes = 5ull << 30;     // as transformers' default max_shard_size "5GB"
-  bool progress = false;                     // progress bar on stderr
+  bool force = false;                     // replace an existing output folder
+  uint64_t max_shard_bytes = 5ull << 30;  // as transformers' default max_shard_size "5GB"
+  bool progress = false;                  // progress bar on stderr
   QuantDevice device = QuantDevice::automatic;
 };
 

@@ -13,6 +13,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "data/token_cache.h"
+#include "io/gguf.h"
 #include "io/safetensors.h"
 #include "train/peft_adapter.h"
 
@@ -270,8 +271,42 @@ TrainState load_checkpoint(const fs::path& ckpt, LoraWeights& lora, Optimizer& o
   return s;
 }
 
+namespace {
+
+// A few pages of a file: start, middle and end of [start, size).
+void add_file_samples(ContentHash& h, std::ifstream& in, const fs::path& p, uint64_t start, uint64_t size) {
+  constexpr uint64_t kSample = 4096;
+  const uint64_t data_size = size - start;
+  std::string buf;
+  for (uint64_t at : {uint64_t(0), data_size / 2, data_size > kSample ? data_size - kSample : 0}) {
+    const uint64_t len = std::min(kSample, data_size - std::min(at, data_size));
+    buf.assign(size_t(len), '\0');
+    in.seekg(std::streamoff(start + at));
+    if (!in.read(buf.data(), std::streamsize(len))) fail(p.string(), ": read error while fingerprinting");
+    h.add(buf);
+  }
+}
+
+// A GGUF model: its size, its first 64 KiB (header and metadata, which name
+// the model) and pages of the rest.
+std::string gguf_fingerprint(const fs::path& file) {
+  ContentHash h;
+  h.add("qlora base model fingerprint v1 gguf\n");
+  std::error_code ec;
+  const uint64_t size = fs::file_size(file, ec);
+  std::ifstream in(file, std::ios::binary);
+  if (!in || ec) fail(file.string(), ": cannot read the model file");
+  h.add(std::string_view(reinterpret_cast<const char*>(&size), sizeof size));
+  add_file_samples(h, in, file, 0, std::min<uint64_t>(size, 65536));
+  add_file_samples(h, in, file, 0, size);
+  return h.hex().substr(0, 16);
+}
+
+}  // namespace
+
 std::string base_model_fingerprint(const fs::path& model_dir) {
   std::error_code ec;
+  if (is_gguf_file(model_dir)) return gguf_fingerprint(model_dir);
   if (!fs::is_directory(model_dir, ec)) fail(model_dir.string(), ": not a model folder");
   ContentHash h;
   h.add("qlora base model fingerprint v1\n");
@@ -296,16 +331,7 @@ std::string base_model_fingerprint(const fs::path& model_dir) {
     h.add(header);
     h.add(std::string_view(reinterpret_cast<const char*>(&size), sizeof size));
     // A few pages of data: start, middle and end of the data section.
-    constexpr uint64_t kSample = 4096;
-    const uint64_t data_start = 8 + n, data_size = size - data_start;
-    std::string buf;
-    for (uint64_t at : {uint64_t(0), data_size / 2, data_size > kSample ? data_size - kSample : 0}) {
-      const uint64_t len = std::min(kSample, data_size - std::min(at, data_size));
-      buf.assign(size_t(len), '\0');
-      in.seekg(std::streamoff(data_start + at));
-      if (!in.read(buf.data(), std::streamsize(len))) fail(p.string(), ": read error while fingerprinting");
-      h.add(buf);
-    }
+    add_file_samples(h, in, p, 8 + n, size);
   }
   // 128 bits folded to 64: a 16-digit id is plenty to tell models apart.
   const std::string hex = h.hex();
