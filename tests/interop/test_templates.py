@@ -1,0 +1,199 @@
+"""Part c (chat templates): for every chat template qlora renders, Jinja2 rendering the model's real
+template string (fixtures/chat_templates/*.jinja, tokenizer_config.json) equals qlora's rendering on
+50 generated conversations per family.
+
+qlora prints tokens, not text (`qlora tokenize --chat`), so the comparison is on ids: the Jinja2 text
+is encoded by Hugging Face's `tokenizers` (add_special_tokens=False) where the family has a fixture
+tokenizer.json holding its special tokens, else (Mistral v3 and Nemo, whose [INST] control tokens
+exist only in the SentencePiece model) by qlora's own plain encoder (`qlora tokenize --file`), which
+test_tokenizers.py proves against HF separately. The Jinja2 environment is the one transformers'
+apply_chat_template uses (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, raise_exception,
+tojson, strftime_now), with date_string "26 Jul 2024" (qlora's fixed date, docs/data.md).
+
+What qlora does not render is checked as refused, not skipped: an empty message (qlora refuses it,
+naming the message) and add_generation_prompt=True (no option for it in `qlora tokenize`: counted in
+the report as not comparable)."""
+import concurrent.futures
+import datetime
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import lib, need_fixture, report, run_qlora, version
+
+N_CONVERSATIONS = 50
+DATE = "26 Jul 2024"
+
+# family: (qlora --template, template source, tokenizer for qlora and the reference, reference encoder)
+FAMILIES = {
+    "chatml": ("chatml", "config:tokenizers/smollm-135m-instruct", "tokenizers/smollm-135m-instruct", "hf"),
+    "smollm2": ("smollm2", "config:smollm2", "smollm2", "hf"),
+    "qwen2.5": ("qwen2.5", "jinja:Qwen-Qwen2.5-7B-Instruct.jinja", "tokenizers/smollm-135m-instruct", "hf"),
+    "llama3.1": ("llama3.1", "jinja:meta-llama-Llama-3.1-8B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
+    "llama3.2": ("llama3.2", "jinja:meta-llama-Llama-3.2-3B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
+    "llama3.3": ("llama3.3", "jinja:meta-llama-Llama-3.3-70B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
+    "llama3.x-config": ("llama3.1", "config:tokenizers/llama3/assembled_hf", "tokenizers/llama3/assembled_hf", "hf"),
+    "mistral-v1": ("mistral-v1", "jinja:mistral_v1_spm.jinja", "tokenizers/llama2-hf", "hf"),
+    "mistral-v3": ("mistral-v3", "jinja:mistral_v3_spm.jinja",
+                   "tokenizers/mistral/mistral_instruct_tokenizer_240323.model.v3", "qlora"),
+    "mistral-nemo": ("mistral-nemo", "jinja:mistralai-Mistral-Nemo-Instruct-2407.jinja",
+                     "tokenizers/mistral/mistral_instruct_tokenizer_240323.model.v3", "qlora"),
+}
+SPECIAL = {  # bos/eos text the templates write
+    "chatml": ("<|im_start|>", "<|im_end|>"), "smollm2": ("<|im_start|>", "<|im_end|>"),
+    "qwen2.5": ("<|im_start|>", "<|im_end|>"),
+}
+
+
+def tokenizer_path(spec: str) -> Path:
+    if spec == "smollm2":
+        from models import smollm_hf
+        return smollm_hf()
+    return need_fixture(spec)
+
+
+def template_source(spec: str) -> str:
+    kind, where = spec.split(":", 1)
+    if kind == "jinja":
+        return need_fixture(f"chat_templates/{where}").read_text()
+    d = tokenizer_path(where)
+    t = json.loads((d / "tokenizer_config.json").read_text()).get("chat_template")
+    if t is None and (d / "chat_template.jinja").exists():
+        t = (d / "chat_template.jinja").read_text()
+    assert t, f"no chat template in {d}"
+    return t
+
+
+def jinja_env():
+    jinja2 = lib("jinja2")
+    import jinja2.ext
+    import jinja2.sandbox
+
+    def raise_exception(msg):
+        raise jinja2.exceptions.TemplateError(msg)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
+
+
+def texts() -> list[str]:
+    """Message contents from the fixture datasets: English, medical, Chinese."""
+    base = need_fixture("datasets")
+    out = []
+    for r in json.loads((base / "alpaca/llamafactory_alpaca_en_demo.json").read_text())[:300]:
+        out += [r["instruction"], r["output"]]
+    for r in json.loads((base / "legal/lawyer-llama/legal_advice.json").read_text())[:40]:
+        for t in (r if isinstance(r, list) else [r]):
+            out += [t["instruction"], t["output"]]
+    return [t for t in out if t and t.strip()]
+
+
+def conversations(family: str, n: int):
+    """n conversations, seeded by the family: with a system message or not, 1-4 turns, long
+    contents (several KB), contents with surrounding spaces and newlines, unicode; some end with a
+    user message (rendered without a generation prompt)."""
+    rng = random.Random(f"{family}-conversations")
+    pool = texts()
+    convs = []
+    for i in range(n):
+        def content():
+            k = rng.random()
+            if k < 0.15:  # long
+                return "\n\n".join(rng.choice(pool) for _ in range(rng.randint(8, 20)))
+            if k < 0.3:  # whitespace at the edges (templates that trim and those that do not)
+                return rng.choice([" ", "\n", "  \n", "\t"]) + rng.choice(pool) + rng.choice([" ", "\n\n", " \t"])
+            return rng.choice(pool)
+        msgs = []
+        if i % 2 == 0:
+            msgs.append({"role": "system", "content": content()})
+        turns = rng.randint(1, 4)
+        for t in range(turns):
+            msgs.append({"role": "user", "content": content()})
+            msgs.append({"role": "assistant", "content": content()})
+        if turns > 1 and i % 5 == 1:
+            msgs.append({"role": "user", "content": content()})  # ends with a user message
+        convs.append(msgs)
+    return convs
+
+
+def qlora_chat_ids(tok: Path, template: str, msgs, tmp: Path, i: int):
+    f = tmp / f"conv{i}.json"
+    f.write_text(json.dumps({"messages": msgs}, ensure_ascii=False))
+    r = run_qlora("tokenize", "--tokenizer", tok, "--chat", "--template", template, "--file", f, check=False)
+    if r.returncode != 0:
+        return None, (r.stderr or r.stdout).strip()
+    ids = []
+    for line in r.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0].isdigit():
+            ids.append(int(parts[0]))
+    return ids, ""
+
+
+def qlora_plain_ids(tok: Path, text: str, tmp: Path, i: int):
+    f = tmp / f"text{i}.txt"
+    f.write_bytes(text.encode("utf-8"))
+    r = run_qlora("tokenize", "--tokenizer", tok, "--file", f, "--ids-only", "--no-special")
+    return [int(x) for x in r.stdout.split()]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_chat_template(family, tmp_path):
+    tokenizers = lib("tokenizers")
+    lib("jinja2")
+    qtemplate, src, tok_spec, encoder = FAMILIES[family]
+    tok = tokenizer_path(tok_spec)
+    source = template_source(src)
+    env = jinja_env()
+    tmpl = env.from_string(source)
+    bos, eos = SPECIAL.get(family, ("<|begin_of_text|>", "<|eot_id|>") if "llama3" in family else ("<s>", "</s>"))
+    hf = tokenizers.Tokenizer.from_file(str(tok / "tokenizer.json")) if encoder == "hf" else None
+    convs = conversations(family, N_CONVERSATIONS)
+
+    def render(msgs, gen):
+        return tmpl.render(messages=msgs, add_generation_prompt=gen, bos_token=bos, eos_token=eos,
+                           date_string=DATE)
+
+    def one(i):
+        msgs = convs[i]
+        text = render(msgs, False)
+        ours, err = qlora_chat_ids(tok, qtemplate, msgs, tmp_path, i)
+        if ours is None:
+            return i, False, f"qlora refused: {err}"
+        ref = hf.encode(text, add_special_tokens=False).ids if hf else qlora_plain_ids(tok, text, tmp_path, i)
+        return i, ours == ref, "" if ours == ref else f"first difference at id {_first_diff(ours, ref)}"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
+        results = list(ex.map(one, range(len(convs))))
+    same = sum(ok for _, ok, _ in results)
+    bad = [(i, why) for i, ok, why in results if not ok]
+    # what qlora cannot render: a generation prompt (no option), an empty message (refused)
+    gen_differs = sum(render(c, True) != render(c, False) for c in convs)
+    empty = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ""}]
+    _, empty_err = qlora_chat_ids(tok, qtemplate, empty, tmp_path, 999)
+    report("templates.render", f"{family}: Jinja2 of the real template ({src}) vs qlora tokenize --chat --template "
+           f"{qtemplate}, {len(convs)} conversations, ids via {'HF tokenizers' if hf else 'qlora plain encoder'}",
+           f"{version('jinja2')}, {version('tokenizers')}",
+           f"{same}/{len(convs)} identical; add_generation_prompt=True: no qlora option ({gen_differs} renderings "
+           f"differ from False); empty message refused: {bool(empty_err)}"
+           + (f"; differing: {bad[:3]}" if bad else ""),
+           family=family, same=same, n=len(convs))
+    assert empty_err, "qlora rendered an empty assistant message (docs/data.md: refused)"
+    assert same == len(convs), f"{len(bad)} conversations differ: {bad[:5]}"
+
+
+def _first_diff(a, b):
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return k
+    return min(len(a), len(b))
