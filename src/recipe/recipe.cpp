@@ -499,6 +499,7 @@ void read_device(const Source& src, const Section& s, RecipeDevice& d) {
 void read_output(const Source& src, const Section& s, RecipeOutput& o) {
   if (auto it = s["dir"]) o.dir = read_nonempty(src, *it, "a folder");
   if (auto it = s["merge"]) o.merge = read_bool(src, *it);
+  if (auto it = s["gguf"]) o.gguf = read_bool(src, *it);
 }
 
 void read_logging(const Source& src, const Section& s, RecipeLogging& l) {

@@ -94,6 +94,7 @@ struct RecipeDevice {
 struct RecipeOutput {
   std::string dir;                   // required
   bool merge = false;                // also write a merged HF folder to <dir>/merged
+  bool gguf = false;                 // also write <dir>/adapter.gguf (llama.cpp's LoRA adapter format)
 };
 
 struct RecipeLogging {

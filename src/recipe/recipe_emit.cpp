@@ -78,6 +78,7 @@ std::vector<Entry> entries(const Recipe& r) {
       {"device", "threads", r.device.threads},
       {"output", "dir", r.output.dir},
       {"output", "merge", r.output.merge},
+      {"output", "gguf", r.output.gguf},
       {"logging", "every", r.logging.every},
       {"logging", "report", r.logging.report},
       {"logging", "sample_prompts", r.logging.sample_prompts},

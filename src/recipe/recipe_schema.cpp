@@ -23,7 +23,7 @@ const std::vector<Section>& sections() {
                  "beta1",         "beta2",     "eps",          "momentum",   "max_grad_norm",
                  "checkpointing", "seed",      "eval_every",   "save_every", "keep_checkpoints"}},
       {"device", {"backend", "memory_budget", "threads"}},
-      {"output", {"dir", "merge"}},
+      {"output", {"dir", "merge", "gguf"}},
       {"logging", {"every", "report", "sample_prompts", "sample_max_new_tokens"}},
   };
   return kSections;

@@ -15,6 +15,7 @@
 #include "model/weights.h"
 #include "tokenizer/tokenizer.h"
 #include "tools/evaluate.h"
+#include "tools/export_gguf.h"
 #include "tools/merge_model.h"
 #include "train/batch.h"
 #include "train/checkpoint.h"
@@ -317,6 +318,14 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
     mo.overwrite = true;  // the run folder is ours: a resumed run replaces its earlier merge
     merge_model(setup.model_dir, sum.adapter_dir, setup.output_dir / "merged", mo);
     std::fprintf(out, "merged model: %s\n", (setup.output_dir / "merged").string().c_str());
+  }
+  if (r.output.gguf) {
+    // llama.cpp's adapter format beside the PEFT folder (docs/adapters.md).
+    AdapterExportOptions eo;
+    eo.model = setup.model_dir;
+    eo.overwrite = true;  // the run folder is ours: a resumed run replaces its earlier export
+    export_adapter_gguf(sum.adapter_dir, setup.output_dir / "adapter.gguf", eo);
+    std::fprintf(out, "adapter (llama.cpp GGUF): %s\n", (setup.output_dir / "adapter.gguf").string().c_str());
   }
   const std::string measured = engine->measured_text(setup.plan);
   std::fprintf(out, "%s", measured.c_str());
