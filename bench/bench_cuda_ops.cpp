@@ -18,6 +18,7 @@
 //
 // Usage: bench_cuda_ops [--quick] [--json FILE] [--reps R] [--warmup W] [--only GROUPS]
 //                       [--ce-rows R] [--ce-vchunk V]
+// Without a usable GPU it says why, measures nothing and exits 0 (--json: status "skipped").
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -847,8 +848,23 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (const auto why = cuda_unavailable_reason()) {
-    std::fprintf(stderr, "bench_cuda_ops: no usable GPU, nothing measured: %s\n", why->c_str());
-    return 1;
+    // Not an error: a machine without a GPU (a dry run, CI) measures nothing and says why; the JSON,
+    // when asked for, says the same (status "skipped", no rows).
+    std::printf("bench_cuda_ops: no usable GPU, nothing measured: %s\n", why->c_str());
+    if (!opt.json.empty()) {
+      std::ofstream f(opt.json);
+      f << nlohmann::json{{"tool", "bench_cuda_ops"},
+                          {"status", "skipped"},
+                          {"reason", "no usable GPU: " + *why},
+                          {"rows", nlohmann::json::array()}}
+               .dump(1)
+        << "\n";
+      if (!f) {
+        std::fprintf(stderr, "bench_cuda_ops: cannot write %s\n", opt.json.c_str());
+        return 1;
+      }
+    }
+    return 0;
   }
   try {
     CudaContext ctx(0);

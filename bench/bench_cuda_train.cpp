@@ -29,6 +29,7 @@
 //
 // Usage: bench_cuda_train [--quick] [--shapes 8b,70b] [--layers N] [--seq T] [--micro-batch B]
 //                         [--steps S] [--warmup W] [--json FILE] [--peak-tflops P] [--budget 48GiB]
+// Without a usable GPU it says why, measures nothing and exits 0 (--json: status "skipped").
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -588,8 +589,23 @@ int main(int argc, char** argv) {
   if (o.layers < 0) o.layers = o.quick ? 2 : 0;
 
   if (const auto why = cuda_unavailable_reason()) {
-    std::fprintf(stderr, "bench_cuda_train: no usable GPU, nothing measured: %s\n", why->c_str());
-    return 1;
+    // Not an error: a machine without a GPU (a dry run, CI) measures nothing and says why; the JSON,
+    // when asked for, says the same (status "skipped", no results).
+    std::printf("bench_cuda_train: no usable GPU, nothing measured: %s\n", why->c_str());
+    if (!o.json.empty()) {
+      std::ofstream f(o.json);
+      f << nlohmann::json{{"tool", "bench_cuda_train"},
+                          {"status", "skipped"},
+                          {"reason", "no usable GPU: " + *why},
+                          {"results", nlohmann::json::array()}}
+               .dump(1)
+        << "\n";
+      if (!f) {
+        std::fprintf(stderr, "bench_cuda_train: cannot write %s\n", o.json.c_str());
+        return 1;
+      }
+    }
+    return 0;
   }
   try {
     const ShapeFile shapes = load_shape_file(o.shapes_file);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -16,6 +17,45 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+
+namespace qlora::testing {
+
+// $name when set and not empty, else `built_in`; read once per name by the callers below.
+inline std::string path_from_env(const char* name, const char* built_in) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::string(v) : std::string(built_in);
+}
+
+}  // namespace qlora::testing
+
+// The source tree (test data: tests/reference, tests/data, recipes) and the qlora binary the
+// tests use are the paths compiled in (tests/CMakeLists.txt) unless $QLORA_SOURCE_DIR or
+// $QLORA_BINARY name others: a test binary copied elsewhere (the GPU bundle of
+// scripts/gpu-bundle.sh, docs/gpu.md) finds its data and its qlora through them. The macros keep
+// their names, so every use goes through the override; they are now `const char*` expressions,
+// not string literals (write std::string(QLORA_SOURCE_DIR) + "/x", not QLORA_SOURCE_DIR "/x").
+#ifdef QLORA_SOURCE_DIR
+namespace qlora::testing {
+inline constexpr const char* kBuiltSourceDir = QLORA_SOURCE_DIR;
+inline const char* source_dir() {
+  static const std::string dir = path_from_env("QLORA_SOURCE_DIR", kBuiltSourceDir);
+  return dir.c_str();
+}
+}  // namespace qlora::testing
+#undef QLORA_SOURCE_DIR
+#define QLORA_SOURCE_DIR (::qlora::testing::source_dir())
+#endif
+#ifdef QLORA_BINARY
+namespace qlora::testing {
+inline constexpr const char* kBuiltBinary = QLORA_BINARY;
+inline const char* qlora_binary() {
+  static const std::string bin = path_from_env("QLORA_BINARY", kBuiltBinary);
+  return bin.c_str();
+}
+}  // namespace qlora::testing
+#undef QLORA_BINARY
+#define QLORA_BINARY (::qlora::testing::qlora_binary())
+#endif
 
 namespace qlora::testing {
 
