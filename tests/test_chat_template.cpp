@@ -84,6 +84,11 @@ const Expected kExpected[] = {
      "<s>[INST] padded question \n[/INST]  answer with spaces  </s>"},
     {"mistral-nemo", "useronly",
      "<s>[INST]Be brief.\n\nHi[/INST]"},
+    // SmolLM2-135M-Instruct's tokenizer.chat_template (the fixture GGUF's metadata).
+    {"smollm2", "one",
+     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi there. How can I help?<|im_end|>\n"},
+    {"smollm2", "sys2",
+     "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n"},
     {"chatml", "one",
      "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi there. How can I help?<|im_end|>\n"},
     {"chatml", "sys2",
@@ -132,6 +137,7 @@ TEST(ChatTemplate, TrainsAssistantRepliesAndTheirEndOfTurnToken) {
       {"llama2", " 4 </s> 6 </s>"},          {"mistral-v1", " 4</s> 6</s>"},
       {"mistral-v3", " 4</s> 6</s>"},        {"mistral-nemo", "4</s>6</s>"},
       {"chatml", "4<|im_end|>6<|im_end|>"},  {"qwen2.5", "4<|im_end|>6<|im_end|>"},
+      {"smollm2", "4<|im_end|>6<|im_end|>"},
       {"alpaca", "4<eos>6<eos>"},            {"none", "4<eos>6<eos>"},
   };
   TemplateOptions o;

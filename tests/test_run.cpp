@@ -18,6 +18,8 @@
 #include "testing.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/report.h"
+#include "train/sample_text.h"
 #include "train/trainer.h"
 
 namespace qlora {
@@ -90,6 +92,15 @@ TEST(Run, DemoLossFallsWellBelowTheStart) {
     const std::string before = reply("before training"), after = reply("after training");
     EXPECT_FALSE(after.empty());
     EXPECT_NE(before, after) << prompt;
+    // The same answers in the report (HTML-escaped) and in samples.json (the
+    // random base's replies may be invalid UTF-8, kept as U+FFFD: compared by count).
+    const std::string html = read_bytes(d / "run" / "report.html");
+    EXPECT_NE(html.find("Answers before and after training"), std::string::npos);
+    EXPECT_NE(html.find(html_escape(after)), std::string::npos) << after;
+    const SampleReplies kept = load_sample_replies(d / "run");
+    EXPECT_EQ(kept.prompts, r.logging.sample_prompts);
+    EXPECT_EQ(kept.before.size(), r.logging.sample_prompts.size());
+    EXPECT_EQ(kept.after.size(), r.logging.sample_prompts.size());
   }
 
   // The run folder: resolved recipe, metrics, report, PEFT adapter.
@@ -202,6 +213,25 @@ TEST(Run, CtrlCWritesACheckpointAndExitsWith130) {
   const auto ckpt = latest_checkpoint(d / "run");
   ASSERT_TRUE(ckpt) << log;
   EXPECT_GE(read_train_state(*ckpt).step, 1);
+}
+
+// SIGTERM (kill, systemd, SLURM) and SIGHUP stop a run as Ctrl-C does, with
+// 128 + their number as the exit status.
+TEST(Run, SigtermAndSighupCheckpointLikeCtrlC) {
+  for (const auto& [sig, code] : {std::pair<std::string, std::string>{"TERM", "143"}, {"HUP", "129"}}) {
+    ScratchDir d;
+    const std::string cmd = "sh -c '" + std::string(QLORA_BINARY) + " run " + kDemo.string() + " output.dir=" +
+                            (d / "run").string() + " data.cache=false --no-samples > " + (d / "log").string() +
+                            " 2>&1 & pid=$!; sleep 3; kill -" + sig + " $pid; wait $pid; echo $? > " +
+                            (d / "rc").string() + "'";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    const std::string log = read_bytes(d / "log");
+    EXPECT_EQ(read_bytes(d / "rc"), code + "\n") << sig << "\n" << log;
+    EXPECT_NE(log.find("--resume"), std::string::npos) << log;
+    const auto ckpt = latest_checkpoint(d / "run");
+    ASSERT_TRUE(ckpt) << sig << "\n" << log;
+    EXPECT_GE(read_train_state(*ckpt).step, 1);
+  }
 }
 
 TEST(Run, AnotherRunInTheOutputFolderIsRefusedUnlessResumeOrOverwrite) {

@@ -324,6 +324,14 @@ std::string render_report_html(const ReportData& d) {
     key_value_table(h, res);
     h += "</section>\n";
   }
+  if (!d.samples.empty()) {
+    h += "<section>\n<h2>Answers before and after training</h2>\n<table>\n<tr><th>prompt</th><th>before</th>"
+         "<th>after</th></tr>\n";
+    for (const auto& s : d.samples)
+      h += "<tr><td>" + html_escape(s.prompt) + "</td><td>" + html_escape(s.before) + "</td><td>" +
+           html_escape(s.after) + "</td></tr>\n";
+    h += "</table>\n</section>\n";
+  }
   h += "<section>\n<h2>Training curves</h2>\n" + charts(d) + "</section>\n";
   if (!d.val.empty()) {
     h += "<section>\n<h2>Evaluation</h2>\n<table>\n<tr><th>step</th><th>val "

@@ -14,16 +14,23 @@
 
 namespace qlora {
 
+// A sample prompt and the model's replies before and after training ("" =
+// not generated, e.g. the "before" of a run started elsewhere).
+struct SampleAnswer {
+  std::string prompt, before, after;
+};
+
 // Field order as agreed with the trainer (designated initializers follow it).
 struct ReportData {
   // Key/value rows in the order given: model, recipe, data statistics in
   // brief, memory planned vs measured, wall time, ...
   std::vector<std::pair<std::string, std::string>> summary;
-  std::vector<StepMetrics> train;  // read_metrics(...).train
-  std::vector<EvalMetrics> val;    // read_metrics(...).val
-  std::string title;               // e.g. "qlora run legal-llama3-8b"; "" = "qlora run"
-  std::string data_statistics;     // preformatted text, shown as is; "" = section left out
-  std::string memory_table;        // preformatted text (the planner's table); "" = left out
+  std::vector<StepMetrics> train;     // read_metrics(...).train
+  std::vector<EvalMetrics> val;       // read_metrics(...).val
+  std::string title;                  // e.g. "qlora run legal-llama3-8b"; "" = "qlora run"
+  std::string data_statistics;        // preformatted text, shown as is; "" = section left out
+  std::string memory_table;           // preformatted text (the planner's table); "" = left out
+  std::vector<SampleAnswer> samples;  // empty = section left out
 };
 
 // The page as a string, and the page written atomically to `path`.

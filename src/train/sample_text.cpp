@@ -1,25 +1,59 @@
 #include "train/sample_text.h"
 
 #include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <vector>
 
+#include "core/atomic_file.h"
 #include "data/tokenize_sample.h"
 #include "kernels/ops.h"
 #include "model/llama_generate.h"
 
 namespace qlora {
 
-std::string sample_reply(const MakeGenerator& make, const ModelConfig& cfg, const Tokenizer& tok,
-                         const ChatTemplate& tmpl, const std::string& prompt, int64_t max_new) {
+void save_sample_replies(const std::filesystem::path& run_dir, const SampleReplies& s) {
+  const nlohmann::json j = {{"prompts", s.prompts}, {"before", s.before}, {"after", s.after}};
+  // Replies of an untrained model can be any bytes: invalid UTF-8 becomes U+FFFD.
+  write_file_atomic(run_dir / "samples.json",
+                    j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+}
+
+SampleReplies load_sample_replies(const std::filesystem::path& run_dir) {
+  SampleReplies s;
+  std::ifstream in(run_dir / "samples.json");
+  if (!in) return s;
+  try {
+    const nlohmann::json j = nlohmann::json::parse(in);
+    s.prompts = j.at("prompts").get<std::vector<std::string>>();
+    s.before = j.at("before").get<std::vector<std::string>>();
+    s.after = j.at("after").get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception&) {
+    return {};  // a damaged file costs the report its samples, not the run
+  }
+  return s;
+}
+
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tok, const ChatTemplate& tmpl,
+                                     const std::string& prompt, const std::string& system) {
   // Render the prompt with a placeholder reply and keep the untrained prefix:
   // that is exactly what the template puts before an assistant turn.
   Sample sample;
-  sample.conversation = {{Role::user, prompt, {}}, {Role::assistant, "x", {}}};
+  if (!system.empty()) sample.conversation.push_back({Role::system, system, {}});
+  sample.conversation.push_back({Role::user, prompt, {}});
+  sample.conversation.push_back({Role::assistant, "x", {}});
   sample.where = "logging.sample_prompts";
   const TokenizedSample s = tokenize_sample(tok, tmpl, sample, {});
   std::vector<int32_t> ids;
-  for (size_t i = 0; i < s.input_ids.size() && s.labels[i] == ops::kIgnoreIndex; ++i) ids.push_back(s.input_ids[i]);
+  for (size_t i = 0; i < s.input_ids.size() && s.labels[i] == ops::kIgnoreIndex; ++i)
+    ids.push_back(s.input_ids[i]);
+  return ids;
+}
+
+std::string sample_reply(const MakeGenerator& make, const ModelConfig& cfg, const Tokenizer& tok,
+                         const ChatTemplate& tmpl, const std::string& prompt, int64_t max_new) {
+  const std::vector<int32_t> ids = chat_prompt_ids(tok, tmpl, prompt);
   if (ids.empty()) return {};
 
   int64_t total = std::min<int64_t>(int64_t(ids.size()) + max_new, cfg.max_position_embeddings);

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "data/chat_template.h"
 #include "io/hf_config.h"
@@ -20,6 +22,22 @@ namespace qlora {
 // then up to max_new tokens are generated greedily, stopping at EOS, on a
 // generator from `make` (asked for prompt + max_new tokens; it may hold fewer:
 // the reply stops at its capacity()). Returns the decoded reply.
+// The ids the template puts before an assistant reply to `prompt` (a user
+// message, after `system` when that is not empty): the prompt part of a
+// rendered conversation, generation header included, as the tokenizer
+// encodes it for training. Empty when the template renders nothing before it.
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tok, const ChatTemplate& tmpl,
+                                     const std::string& prompt, const std::string& system = {});
+
+// The sample replies of a run, kept in its folder (samples.json) so that the
+// report of a resumed run still shows the answers from before training.
+struct SampleReplies {
+  std::vector<std::string> prompts, before, after;  // before/after: empty or one per prompt
+};
+void save_sample_replies(const std::filesystem::path& run_dir, const SampleReplies& s);
+// Empty when the file is absent or unreadable (the report then has no samples).
+SampleReplies load_sample_replies(const std::filesystem::path& run_dir);
+
 using MakeGenerator = std::function<std::unique_ptr<TokenGenerator>(int64_t max_seq)>;
 std::string sample_reply(const MakeGenerator& make, const ModelConfig& cfg, const Tokenizer& tok,
                          const ChatTemplate& tmpl, const std::string& prompt, int64_t max_new);

@@ -37,7 +37,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 // The step -> micro-batches map. Epoch e visits the rows in a permutation of
 // its own (epoch 0: the order prepare_dataset shuffled them into); an epoch is
@@ -103,8 +105,8 @@ void write_run_report(const RunSetup& setup, const Recipe& r, const std::string&
   d.summary = {{"model", r.model.path},
                {"recipe", r.file.string()},
                {"progress", std::to_string(step) + " / " + std::to_string(total) + " steps"},
-               {"LoRA", "rank " + std::to_string(r.lora.rank) + ", " + std::to_string(setup.plan.lora_params) +
-                            " trainable parameters"},
+               {"LoRA", "rank " + std::to_string(r.lora.rank) + ", " +
+                            std::to_string(setup.plan.lora_params) + " trainable parameters"},
                {"data", std::to_string(setup.data.train.rows.size()) + " training rows, " +
                             std::to_string(setup.data.val.rows.size()) + " validation rows of " +
                             std::to_string(r.data.seq_len) + " tokens"},
@@ -113,18 +115,30 @@ void write_run_report(const RunSetup& setup, const Recipe& r, const std::string&
   d.val = h.val;
   d.data_statistics = setup.data_statistics;
   d.memory_table = plan_table(setup.plan) + (measured.empty() ? "" : "\n" + measured);
+  const SampleReplies s = load_sample_replies(setup.output_dir);
+  for (size_t i = 0; i < s.prompts.size(); ++i)
+    d.samples.push_back(
+        {s.prompts[i], i < s.before.size() ? s.before[i] : "", i < s.after.size() ? s.after[i] : ""});
   write_report_html(setup.output_dir / "report.html", d);
 }
 
 // On the engine's model with the LoRA it holds: before training that is the
 // starting adapter (B = 0, the base model's output, unless lora.init loaded one).
-void print_samples(const RunSetup& setup, const Recipe& r, StepEngine& engine, const char* when, std::FILE* out) {
+// Also kept in the run folder's samples.json for the report (before: a fresh
+// file; after: added to what is there).
+void print_samples(const RunSetup& setup, const Recipe& r, StepEngine& engine, bool after, std::FILE* out) {
   const MakeGenerator make = [&](int64_t max_seq) { return engine.generator(max_seq); };
+  SampleReplies kept = after ? load_sample_replies(setup.output_dir) : SampleReplies{};
+  if (kept.prompts != r.logging.sample_prompts) kept = SampleReplies{r.logging.sample_prompts, {}, {}};
+  std::vector<std::string>& replies = after ? kept.after : kept.before;
+  replies.clear();
   for (const auto& prompt : r.logging.sample_prompts) {
-    const std::string reply = sample_reply(make, setup.weights.cfg, *setup.tokenizer, *setup.chat_template, prompt,
-                                           r.logging.sample_max_new_tokens);
-    std::fprintf(out, "sample (%s)\n  prompt: %s\n  reply:  %s\n", when, prompt.c_str(), reply.c_str());
+    replies.push_back(sample_reply(make, setup.weights.cfg, *setup.tokenizer, *setup.chat_template, prompt,
+                                   r.logging.sample_max_new_tokens));
+    std::fprintf(out, "sample (%s training)\n  prompt: %s\n  reply:  %s\n", after ? "after" : "before",
+                 prompt.c_str(), replies.back().c_str());
   }
+  save_sample_replies(setup.output_dir, kept);
 }
 
 }  // namespace
@@ -154,9 +168,10 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   Optimizer opt(planned.optimizer, lora.flat_size());
   const std::unique_ptr<StepEngine> engine =
       planned.backend == PlanBackend::cuda
-          ? make_cuda_engine(setup.model_dir, setup.weight_options, lora, opt, planned.micro_batch, planned.seq_len,
-                             llama_run_options(planned))
-          : make_cpu_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len, llama_run_options(planned));
+          ? make_cuda_engine(setup.model_dir, setup.weight_options, lora, opt, planned.micro_batch,
+                             planned.seq_len, llama_run_options(planned))
+          : make_cpu_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len,
+                            llama_run_options(planned));
   TrainableModel& model = engine->model();
   BatchBuffer batch(planned.micro_batch, planned.seq_len);
 
@@ -216,7 +231,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   };
 
   if (!setup.resume_from) {
-    if (o.samples) print_samples(setup, r, *engine, "before training", out);
+    if (o.samples) print_samples(setup, r, *engine, false, out);
     sum.first_val_loss = evaluate_val(0);
   }
 
@@ -312,7 +327,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   sum.adapter_dir = setup.output_dir / "adapter";
   save_peft_adapter(lora, cfg, sum.adapter_dir, setup.base_name);
   std::fprintf(out, "adapter: %s\n", sum.adapter_dir.string().c_str());
-  if (o.samples) print_samples(setup, r, *engine, "after training", out);
+  if (o.samples) print_samples(setup, r, *engine, true, out);
   if (r.output.merge) {
     MergeOptions mo;
     mo.overwrite = true;  // the run folder is ours: a resumed run replaces its earlier merge
@@ -330,7 +345,8 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   const std::string measured = engine->measured_text(setup.plan);
   std::fprintf(out, "%s", measured.c_str());
   write_run_report(setup, r, measured, wall_before + seconds_since(t_start), total, total);
-  if (r.logging.report) std::fprintf(out, "report: %s\n", (setup.output_dir / "report.html").string().c_str());
+  if (r.logging.report)
+    std::fprintf(out, "report: %s\n", (setup.output_dir / "report.html").string().c_str());
   return sum;
 }
 
