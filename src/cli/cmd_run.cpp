@@ -15,13 +15,19 @@ namespace qlora::cli {
 namespace {
 
 std::atomic<bool> g_interrupt{false};
+std::atomic<int> g_signal{0};
 
-// First Ctrl-C: finish the step, write a checkpoint, exit cleanly. A second
-// one falls back to the default action (the run is killed; at most the steps
-// since the last checkpoint are lost).
-extern "C" void on_sigint(int) {
+// What stops a run politely: Ctrl-C, and what kill, systemd and SLURM send
+// (SIGTERM) or a closed terminal (SIGHUP).
+constexpr int kStopSignals[] = {SIGINT, SIGTERM, SIGHUP};
+
+// The first of them: finish the step, write a checkpoint, exit with 128 +
+// the signal. Any second one falls back to the default action (the run is
+// killed; at most the steps since the last checkpoint are lost).
+extern "C" void on_stop_signal(int sig) {
+  g_signal.store(sig);
   g_interrupt.store(true);
-  std::signal(SIGINT, SIG_DFL);
+  for (int s : kStopSignals) std::signal(s, SIG_DFL);
 }
 
 struct RunArgs {
@@ -32,7 +38,8 @@ struct RunArgs {
 
 Runner add_run(CLI::App& app) {
   auto a = std::make_shared<RunArgs>();
-  auto* cmd = app.add_subcommand("run", "Fine-tune as a recipe says: quantize, tokenize, train, checkpoint, report");
+  auto* cmd =
+      app.add_subcommand("run", "Fine-tune as a recipe says: quantize, tokenize, train, checkpoint, report");
   cmd->add_option("recipe", a->recipe, "Recipe YAML file (docs/recipes.md)")->required();
   cmd->add_option("overrides", a->overrides, "Overrides key.path=value, e.g. train.lr=1e-4 lora.rank=16");
   cmd->add_flag("--resume", a->resume, "Continue from the newest valid checkpoint in output.dir");
@@ -45,13 +52,15 @@ Runner add_run(CLI::App& app) {
     o.overwrite = a->overwrite;
     o.samples = !a->no_samples;
     o.interrupt = &g_interrupt;
-    std::signal(SIGINT, on_sigint);
+    for (int sig : kStopSignals) std::signal(sig, on_stop_signal);
     const RunSummary s = run_recipe(r, o);
-    std::signal(SIGINT, SIG_DFL);
-    if (s.interrupted) return 130;  // the shell's code for "ended by SIGINT"
-    std::printf("trained %lld steps: loss %.4f -> %.4f", (long long)(s.steps_done - s.start_step), s.first_loss,
-                s.last_loss);
-    if (s.first_val_loss && s.last_val_loss) std::printf(", val loss %.4f -> %.4f", *s.first_val_loss, *s.last_val_loss);
+    for (int sig : kStopSignals) std::signal(sig, SIG_DFL);
+    // The shell's code for "ended by that signal": 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP.
+    if (s.interrupted) return 128 + (g_signal.load() ? g_signal.load() : SIGINT);
+    std::printf("trained %lld steps: loss %.4f -> %.4f", (long long)(s.steps_done - s.start_step),
+                s.first_loss, s.last_loss);
+    if (s.first_val_loss && s.last_val_loss)
+      std::printf(", val loss %.4f -> %.4f", *s.first_val_loss, *s.last_val_loss);
     std::printf("\n");
     return 0;
   };
