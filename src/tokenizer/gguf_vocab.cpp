@@ -15,6 +15,11 @@ namespace qlora {
 
 using nlohmann::json;
 
+const char* const kLlama3SplitRegex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+const char* const kQwen2SplitRegex =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
 namespace {
 
 // GGUF token types; the numbers are SentencePiece's piece types.
@@ -41,10 +46,6 @@ json split_then_bytes(const char* regex) {
            {{{"type", "Split"}, {"pattern", {{"Regex", regex}}}, {"behavior", "Isolated"}, {"invert", false}},
             byte_level(false)})}};
 }
-constexpr const char* kLlama3Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-constexpr const char* kQwen2Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 constexpr const char* kSupportedPre = "smollm, llama-bpe, llama3, qwen2, gpt-2, default";
 
 struct ByteLevelFamily {
@@ -60,8 +61,8 @@ ByteLevelFamily byte_level_family(const std::string& pre, const std::string& fil
              {"pretokenizers",
               json::array({{{"type", "Digits"}, {"individual_digits", true}}, byte_level(true)})}},
             false};
-  if (pre == "llama-bpe" || pre == "llama3") return {nullptr, split_then_bytes(kLlama3Regex), true};
-  if (pre == "qwen2") return {{{"type", "NFC"}}, split_then_bytes(kQwen2Regex), false};
+  if (pre == "llama-bpe" || pre == "llama3") return {nullptr, split_then_bytes(kLlama3SplitRegex), true};
+  if (pre == "qwen2") return {{{"type", "NFC"}}, split_then_bytes(kQwen2SplitRegex), false};
   if (pre == "gpt-2" || pre == "gpt2" || pre == "default") return {nullptr, byte_level(true), false};
   fail(file, ": key tokenizer.ggml.pre \"", pre, "\" is not supported (supported: ", kSupportedPre, ")");
 }

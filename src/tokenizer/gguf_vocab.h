@@ -20,6 +20,12 @@
 
 namespace qlora {
 
+// The Split patterns of Llama 3's and Qwen2's tokenizer.json: what
+// tokenizer.ggml.pre llama-bpe and qwen2 stand for (and how tools/gguf_metadata
+// recognizes them when writing GGUF).
+extern const char* const kLlama3SplitRegex;
+extern const char* const kQwen2SplitRegex;
+
 struct GgufTokenizerFiles {
   nlohmann::json tokenizer_config;  // tokenizer_config.json
   nlohmann::json tokenizer_json;    // tokenizer.json ("gpt2"), else null

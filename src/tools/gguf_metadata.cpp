@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "tokenizer/gguf_vocab.h"
 
 namespace qlora {
 
@@ -74,12 +75,6 @@ json read_json(const fs::path& file) {
 
 // ---- byte-level BPE (tokenizer.json) ----
 
-// The published split patterns of Llama 3 and Qwen2 (their tokenizer.json),
-// which gguf_vocab.cpp writes back for tokenizer.ggml.pre llama-bpe / qwen2.
-constexpr const char* kLlama3Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-constexpr const char* kQwen2Regex =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 constexpr const char* kSupportedPre =
     "gpt-2 (ByteLevel), smollm (Digits + ByteLevel), llama-bpe (Llama 3's Split + ByteLevel), "
     "qwen2 (NFC + Qwen2's Split + ByteLevel)";
@@ -118,8 +113,8 @@ std::string byte_level_pre(const json& tj, const fs::path& file) {
         !a.value("invert", false) && a.contains("pattern") && a["pattern"].is_object() &&
         a["pattern"].contains("Regex") && is_byte_level(b, false)) {
       const std::string re = a["pattern"]["Regex"].get<std::string>();
-      if (norm.is_null() && re == kLlama3Regex) return "llama-bpe";
-      if (nfc && re == kQwen2Regex) return "qwen2";
+      if (norm.is_null() && re == kLlama3SplitRegex) return "llama-bpe";
+      if (nfc && re == kQwen2SplitRegex) return "qwen2";
     }
   }
   fail(file.string(), ": the pre-tokenizer ", pre.dump(),
