@@ -318,6 +318,33 @@ TEST(GgufModel, TensorsAreCheckedAgainstTheMetadata) {
   EXPECT_NE(e.find("blk.0.attn_q.weight"), std::string::npos) << e;  // named by its llama.cpp name
 }
 
+// The commands take the GGUF file wherever they take a model.
+TEST(GgufModel, CommandsTakeTheGgufFile) {
+  QLORA_REQUIRE_FIXTURES(fx);
+  const std::string m = smollm_gguf(fx).string();
+  auto r = testing::run_qlora("generate --model '" + m +
+                              "' --chat --prompt 'What is the capital of France?' --dense --device cpu");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("The capital of France is Paris."), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("ids:"), std::string::npos) << "--chat prints the reply alone:\n" << r.output;
+  r = testing::run_qlora("generate --model '" + m + "' --prompt-ids 1,9690,198 --max-new-tokens 2 --device cpu");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("ids: "), std::string::npos) << r.output;
+  r = testing::run_qlora("inspect '" + m + "' --json");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("Q4_1 x210"), std::string::npos) << r.output;
+  r = testing::run_qlora("estimate --model '" + m + "' --seq 256 --batch 2 --rank 16");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("verdict"), std::string::npos) << r.output;
+  testing::ScratchDir tmp;
+  testing::write_bytes(tmp / "qa.jsonl", "{\"instruction\": \"What is a lease?\", \"output\": \"A contract to rent.\"}\n");
+  r = testing::run_qlora("eval --model '" + m + "' --data " + (tmp / "qa.jsonl").string() +
+                         " --format alpaca --seq-len 128");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("template smollm2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("perplexity"), std::string::npos) << r.output;
+}
+
 TEST(GgufNames, QkRowsRoundTripAndMatchLlamaCppPermute) {
   // 2 heads of 4 rows, 3 columns: llama.cpp's converter stores row
   // h*D + 2*i + s what HF has at h*D + s*D/2 + i.
