@@ -318,6 +318,39 @@ TEST(GgufModel, TensorsAreCheckedAgainstTheMetadata) {
   EXPECT_NE(e.find("blk.0.attn_q.weight"), std::string::npos) << e;  // named by its llama.cpp name
 }
 
+// A tensor type qlora cannot dequantize (IQ4_NL here) is refused by name,
+// with the supported list, before any value is read; nothing is written.
+TEST(GgufModel, UnsupportedTensorTypeIsRefusedByName) {
+  QLORA_REQUIRE_FIXTURES(fx);
+  const GgufFile src(smollm_gguf(fx));
+  testing::ScratchDir tmp;
+  const auto file = tmp / "iq.gguf";
+  {
+    GgufWriter w(file);
+    for (const auto& [k, v] : src.metadata()) w.add(k, v);
+    for (const GgufTensorInfo& t : src.tensors())
+      w.add_tensor(t.name, t.ne, t.name == "blk.0.attn_q.weight" ? GgmlType::IQ4_NL : t.type);
+    for (const GgufTensorInfo& t : src.tensors()) {
+      if (t.name == "blk.0.attn_q.weight") {
+        const std::vector<uint8_t> zeros(size_t(*ggml_nbytes(GgmlType::IQ4_NL, t.numel())), 0);
+        w.write(zeros.data(), zeros.size());
+      } else {
+        const auto bytes = src.data(t);
+        w.write(bytes.data(), bytes.size());
+      }
+    }
+    w.commit();
+  }
+  const std::string e = testing::error_of([&] { load_llama_weights(file); });
+  EXPECT_NE(e.find("iq.gguf"), std::string::npos) << e;
+  EXPECT_NE(e.find("blk.0.attn_q.weight has type IQ4_NL"), std::string::npos) << e;
+  EXPECT_NE(e.find("supported: F32, F16, BF16, Q8_0"), std::string::npos) << e;
+  const auto r = testing::run_qlora("quantize " + file.string() + " -o " + (tmp / "out").string());
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("IQ4_NL"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(tmp / "out"));
+}
+
 // The commands take the GGUF file wherever they take a model.
 TEST(GgufModel, CommandsTakeTheGgufFile) {
   QLORA_REQUIRE_FIXTURES(fx);
