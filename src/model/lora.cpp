@@ -144,12 +144,23 @@ LoraWeights LoraWeights::load_peft(const std::filesystem::path& dir, const Model
     } else {
       for (const auto& m : tm) names.insert(m.get<std::string>());
     }
+    // PEFT matches a module when its name equals an entry or ends with
+    // "." + the entry; it saves "all-linear" expanded to full paths
+    // ("model.layers.0.mlp.down_proj"). A path names its kind by its last
+    // part; that every layer has the tensors is checked below.
     for (const auto& n : names) {
+      const std::string last = n.substr(n.rfind('.') == std::string::npos ? 0 : n.rfind('.') + 1);
       bool found = false;
       for (int t = 0; t < kNumLoraTargets; ++t)
-        if (n == lora_target_module(LoraTarget(t))) lc.targets[size_t(t)] = found = true;
+        if (last == lora_target_module(LoraTarget(t))) lc.targets[size_t(t)] = found = true;
       if (!found) fail(cfg_path.string(), ": target module \"", n, "\" is not a Llama block linear");
     }
+    // Per-module ranks and alphas (issue 17) are not supported yet: refused
+    // by name rather than loaded with the global rank and alpha.
+    for (const char* key : {"rank_pattern", "alpha_pattern"})
+      if (j.contains(key) && !j.at(key).is_null() && !j.at(key).empty())
+        fail(cfg_path.string(), ": ", key, " ", j.at(key).dump(),
+             " is not supported (every module must use r and lora_alpha)");
   } catch (const nlohmann::json::exception& e) {
     fail(cfg_path.string(), ": ", e.what());
   }

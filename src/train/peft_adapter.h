@@ -12,7 +12,7 @@
 
 namespace qlora {
 
-// The version written as "qlora_version" (which program made the adapter).
+// The version written as "qlora_version" into checkpoint state (which program made it).
 const char* qlora_version();
 
 // adapter_config.json's contents for this adapter (PEFT's LoraConfig fields:
