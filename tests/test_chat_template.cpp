@@ -156,6 +156,30 @@ TEST(ChatTemplate, TrainsAssistantRepliesAndTheirEndOfTurnToken) {
   }
 }
 
+// add_generation_prompt=True as the Jinja templates render it (the interop
+// suite checks it against Jinja2 on the real templates).
+TEST(ChatTemplate, GenerationPromptIsTheAssistantHeader) {
+  const auto& c = conversations().at("useronly");
+  const std::map<std::string, std::string> header = {
+      {"llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n"},
+      {"llama3.1", "<|start_header_id|>assistant<|end_header_id|>\n\n"},
+      {"chatml", "<|im_start|>assistant\n"},
+      {"qwen2.5", "<|im_start|>assistant\n"},
+      {"smollm2", "<|im_start|>assistant\n"},
+      {"llama2", ""},
+      {"mistral-v1", ""},
+      {"mistral-v3", ""},
+      {"mistral-nemo", ""},
+  };
+  for (const auto& [name, h] : header) {
+    SCOPED_TRACE(name);
+    const auto t = ChatTemplate::named(name);
+    std::string with;
+    for (const auto& s : t.render(c, true)) with += s.text;
+    EXPECT_EQ(with, t.render_text(c) + h);
+  }
+}
+
 TEST(ChatTemplate, SpecialSegmentsAreSingleTokensAndNeighboursMerge) {
   const auto segs = ChatTemplate::named("llama3.1").render(conversations().at("one"));
   const std::vector<Segment> want = {

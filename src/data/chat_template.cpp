@@ -392,7 +392,7 @@ bool ChatTemplate::renders_bos() const {
   }
 }
 
-std::vector<Segment> ChatTemplate::render(const Conversation& c) const {
+std::vector<Segment> ChatTemplate::render(const Conversation& c, bool add_generation_prompt) const {
   if (c.empty()) fail("chat template ", name(), ": empty conversation");
   Out out;
   switch (kind_) {
@@ -425,6 +425,25 @@ std::vector<Segment> ChatTemplate::render(const Conversation& c) const {
     case Kind::none:
       render_none(c, options_, out);
       break;
+  }
+  if (add_generation_prompt) {
+    switch (kind_) {
+      case Kind::llama3:
+      case Kind::llama31:
+        out.special("<|start_header_id|>", false);
+        out.text("assistant", false);
+        out.special("<|end_header_id|>", false);
+        out.text("\n\n", false);
+        break;
+      case Kind::chatml:
+      case Kind::qwen25:
+      case Kind::smollm2:
+        out.special("<|im_start|>", false);
+        out.text("assistant\n", false);
+        break;
+      default:
+        break;  // the [INST] families end a user turn with [/INST]; alpaca and none have no turn markers
+    }
   }
   return out.take();
 }

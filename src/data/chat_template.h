@@ -97,7 +97,10 @@ class ChatTemplate {
   // merged. Errors (qlora::Error) on a conversation the real template rejects
   // (e.g. Llama 2 / Mistral need user/assistant alternation after an optional
   // leading system message) or that is empty.
-  std::vector<Segment> render(const Conversation& conversation) const;
+  // add_generation_prompt: then what the template puts before the model's next
+  // reply, as Jinja's add_generation_prompt=True (the assistant header of
+  // Llama 3 and ChatML; nothing for the [INST] families, alpaca and none).
+  std::vector<Segment> render(const Conversation& conversation, bool add_generation_prompt = false) const;
   // Concatenated text of render(): what the Jinja template returns (with
   // add_generation_prompt=false).
   std::string render_text(const Conversation& conversation) const;

@@ -10,9 +10,9 @@ test_tokenizers.py proves against HF separately. The Jinja2 environment is the o
 apply_chat_template uses (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, raise_exception,
 tojson, strftime_now), with date_string "26 Jul 2024" (qlora's fixed date, docs/data.md).
 
-What qlora does not render is checked as refused, not skipped: an empty message (qlora refuses it,
-naming the message) and add_generation_prompt=True (no option for it in `qlora tokenize`: counted in
-the report as not comparable)."""
+Conversations that end with the user are compared a second time with add_generation_prompt=True
+against `qlora tokenize --chat --add-generation-prompt`. What qlora does not render is checked as
+refused, not skipped: an empty message (qlora refuses it, naming the message)."""
 import concurrent.futures
 import datetime
 import json
@@ -126,10 +126,11 @@ def conversations(family: str, n: int):
     return convs
 
 
-def qlora_chat_ids(tok: Path, template: str, msgs, tmp: Path, i: int):
-    f = tmp / f"conv{i}.json"
+def qlora_chat_ids(tok: Path, template: str, msgs, tmp: Path, i: int, gen: bool = False):
+    f = tmp / f"conv{i}{'-gen' if gen else ''}.json"
     f.write_text(json.dumps({"messages": msgs}, ensure_ascii=False))
-    r = run_qlora("tokenize", "--tokenizer", tok, "--chat", "--template", template, "--file", f, check=False)
+    r = run_qlora("tokenize", "--tokenizer", tok, "--chat", "--template", template, "--file", f,
+                  *(["--add-generation-prompt"] if gen else []), check=False)
     if r.returncode != 0:
         return None, (r.stderr or r.stdout).strip()
     ids = []
@@ -175,28 +176,39 @@ def test_chat_template(family, tmp_path):
         return tmpl.render(messages=msgs, add_generation_prompt=gen, bos_token=bos, eos_token=eos,
                            date_string=DATE)
 
+    def encode(text, i):
+        return hf.encode(text, add_special_tokens=False).ids if hf else qlora_plain_ids(tok, text, tmp_path, i)
+
     def one(i):
         msgs = convs[i]
-        text = render(msgs, False)
         ours, err = qlora_chat_ids(tok, qtemplate, msgs, tmp_path, i)
         if ours is None:
             return i, False, f"qlora refused: {err}"
-        ref = hf.encode(text, add_special_tokens=False).ids if hf else qlora_plain_ids(tok, text, tmp_path, i)
-        return i, ours == ref, "" if ours == ref else f"first difference at id {_first_diff(ours, ref)}"
+        ref = encode(render(msgs, False), i)
+        if ours != ref:
+            return i, False, f"first difference at id {_first_diff(ours, ref)}"
+        if msgs[-1]["role"] != "user":
+            return i, True, ""
+        # A conversation waiting for the model's reply: with the generation prompt too.
+        ours, err = qlora_chat_ids(tok, qtemplate, msgs, tmp_path, i, gen=True)
+        if ours is None:
+            return i, False, f"qlora refused --add-generation-prompt: {err}"
+        ref = encode(render(msgs, True), 1000 + i)
+        return i, ours == ref, "" if ours == ref else f"generation prompt: first difference at id {_first_diff(ours, ref)}"
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(one, range(len(convs))))
     same = sum(ok for _, ok, _ in results)
     bad = [(i, why) for i, ok, why in results if not ok]
-    # what qlora cannot render: a generation prompt (no option), an empty message (refused)
-    gen_differs = sum(render(c, True) != render(c, False) for c in convs)
+    # conversations ending with the user are also compared with add_generation_prompt=True; qlora refuses an empty message
+    gen_checked = sum(c[-1]["role"] == "user" for c in convs)
     empty = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ""}]
     _, empty_err = qlora_chat_ids(tok, qtemplate, empty, tmp_path, 999)
     report("templates.render", f"{family}: Jinja2 of the real template ({src}) vs qlora tokenize --chat --template "
            f"{qtemplate}, {len(convs)} conversations, ids via {'HF tokenizers' if hf else 'qlora plain encoder'}",
            f"{version('jinja2')}, {version('tokenizers')}",
-           f"{same}/{len(convs)} identical; add_generation_prompt=True: no qlora option ({gen_differs} renderings "
-           f"differ from False); empty message refused: {bool(empty_err)}"
+           f"{same}/{len(convs)} identical (of which {gen_checked} ending with the user also with "
+           f"add_generation_prompt=True vs --add-generation-prompt); empty message refused: {bool(empty_err)}"
            + (f"; differing: {bad[:3]}" if bad else ""),
            family=family, same=same, n=len(convs))
     assert empty_err, "qlora rendered an empty assistant message (docs/data.md: refused)"
