@@ -22,16 +22,6 @@ const char* const kQwen2SplitRegex =
 
 namespace {
 
-// GGUF token types; the numbers are SentencePiece's piece types.
-enum TokenType : int64_t {
-  kNormal = 1,
-  kUnknown = 2,
-  kControl = 3,
-  kUserDefined = 4,
-  kUnused = 5,
-  kByte = 6
-};
-
 // Byte-level pre-tokenizers by tokenizer.ggml.pre, as each family's
 // tokenizer.json writes them.
 json byte_level(bool use_regex) {
@@ -104,7 +94,7 @@ std::string spm_model(const GgufFile& f, const std::vector<std::string>& tokens,
     std::string piece;
     put_bytes(piece, 1, tokens[i]);
     put_float(piece, 2, float(scores[i]));
-    if (types[i] != kNormal) put_int(piece, 3, types[i]);
+    if (types[i] != GgufTokenType::kNormal) put_int(piece, 3, types[i]);
     put_bytes(out, 1, piece);
   }
   auto id = [&](const char* key, int64_t def) { return f.find(key) ? f.get_int(key) : def; };
@@ -137,7 +127,7 @@ GgufTokenizerFiles gguf_tokenizer_files(const GgufFile& f) {
   const std::string model = f.get_string("tokenizer.ggml.model");
   const std::vector<std::string> tokens = f.get_string_array("tokenizer.ggml.tokens");
   if (tokens.empty()) fail(file, ": key tokenizer.ggml.tokens is empty");
-  std::vector<int64_t> types(tokens.size(), kNormal);
+  std::vector<int64_t> types(tokens.size(), GgufTokenType::kNormal);
   if (f.find("tokenizer.ggml.token_type")) {
     types = f.get_int_array("tokenizer.ggml.token_type");
     if (types.size() != tokens.size())
@@ -187,14 +177,14 @@ GgufTokenizerFiles gguf_tokenizer_files(const GgufFile& f) {
   for (size_t id = 0; id < tokens.size(); ++id) {
     // A duplicate string keeps its first id, as a tokenizer.json vocabulary would.
     if (!vocab.contains(tokens[id])) vocab[tokens[id]] = int64_t(id);
-    if (types[id] == kControl || types[id] == kUserDefined)
+    if (types[id] == GgufTokenType::kControl || types[id] == GgufTokenType::kUserDefined)
       added.push_back({{"id", int64_t(id)},
                        {"content", tokens[id]},
                        {"single_word", false},
                        {"lstrip", false},
                        {"rstrip", false},
-                       {"normalized", types[id] == kUserDefined},
-                       {"special", types[id] == kControl}});
+                       {"normalized", types[id] == GgufTokenType::kUserDefined},
+                       {"special", types[id] == GgufTokenType::kControl}});
   }
   json merges = json::array();
   if (f.find("tokenizer.ggml.merges"))

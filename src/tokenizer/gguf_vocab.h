@@ -26,6 +26,11 @@ namespace qlora {
 extern const char* const kLlama3SplitRegex;
 extern const char* const kQwen2SplitRegex;
 
+// tokenizer.ggml.token_type values; the numbers are SentencePiece's piece types.
+struct GgufTokenType {
+  enum : int64_t { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
+};
+
 struct GgufTokenizerFiles {
   nlohmann::json tokenizer_config;  // tokenizer_config.json
   nlohmann::json tokenizer_json;    // tokenizer.json ("gpt2"), else null

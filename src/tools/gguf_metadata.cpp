@@ -22,16 +22,6 @@ using nlohmann::json;
 
 namespace {
 
-// GGUF token types (SentencePiece's piece types).
-enum TokenType : int64_t {
-  kNormal = 1,
-  kUnknown = 2,
-  kControl = 3,
-  kUserDefined = 4,
-  kUnused = 5,
-  kByte = 6
-};
-
 GgufValue u32(int64_t v) {
   return {GgufType::U32, uint64_t(v)};
 }
@@ -216,11 +206,13 @@ Vocab byte_level_vocab(const fs::path& file, const json& tj, int64_t n_vocab) {
     fail(file.string(), ": model.type must be a BPE without byte_fallback for a byte-level tokenizer");
   v.pre = byte_level_pre(tj, file);
   std::map<int64_t, std::pair<std::string, int64_t>> by_id;  // id -> (text, type)
-  for (const auto& [text, id] : m.at("vocab").items()) by_id[id.get<int64_t>()] = {text, kNormal};
+  for (const auto& [text, id] : m.at("vocab").items())
+    by_id[id.get<int64_t>()] = {text, GgufTokenType::kNormal};
   if (tj.contains("added_tokens"))
     for (const json& t : tj["added_tokens"])
-      by_id[t.at("id").get<int64_t>()] = {t.at("content").get<std::string>(),
-                                          t.value("special", false) ? kControl : kUserDefined};
+      by_id[t.at("id").get<int64_t>()] = {
+          t.at("content").get<std::string>(),
+          t.value("special", false) ? GgufTokenType::kControl : GgufTokenType::kUserDefined};
   if (by_id.empty()) fail(file.string(), ": empty vocabulary");
   const int64_t size = by_id.rbegin()->first + 1;
   if (by_id.begin()->first < 0) fail(file.string(), ": negative token id ", by_id.begin()->first);
@@ -231,7 +223,7 @@ Vocab byte_level_vocab(const fs::path& file, const json& tj, int64_t n_vocab) {
   for (int64_t id = 0; id < n_vocab; ++id) {
     auto it = by_id.find(id);
     v.tokens.push_back(it != by_id.end() ? it->second.first : "[PAD" + std::to_string(id) + "]");
-    v.types.push_back(it != by_id.end() ? it->second.second : kUnused);
+    v.types.push_back(it != by_id.end() ? it->second.second : GgufTokenType::kUnused);
   }
   if (m.contains("merges"))
     for (const json& mg : m["merges"]) v.merges.push_back(merge_string(mg, file));
@@ -261,16 +253,16 @@ Vocab sentencepiece_vocab(const fs::path& file, int64_t n_vocab) {
     if (id >= size) {  // rows beyond the pieces: placeholders, as llama.cpp's converter pads
       v.tokens.push_back("[PAD" + std::to_string(id) + "]");
       v.scores.push_back(-1000.0f);
-      v.types.push_back(kUnused);
+      v.types.push_back(GgufTokenType::kUnused);
       continue;
     }
     v.tokens.push_back(sp.IdToPiece(id));
     v.scores.push_back(sp.GetScore(id));
-    v.types.push_back(sp.IsUnknown(id)   ? kUnknown
-                      : sp.IsControl(id) ? kControl
-                      : sp.IsUnused(id)  ? kUnused
-                      : sp.IsByte(id)    ? kByte
-                                         : kNormal);
+    v.types.push_back(sp.IsUnknown(id)   ? GgufTokenType::kUnknown
+                      : sp.IsControl(id) ? GgufTokenType::kControl
+                      : sp.IsUnused(id)  ? GgufTokenType::kUnused
+                      : sp.IsByte(id)    ? GgufTokenType::kByte
+                                         : GgufTokenType::kNormal);
   }
   v.add_space_prefix = spm_add_dummy_prefix(proto, file);
   auto id_or_none = [](int id) { return id >= 0 ? std::optional<int64_t>(id) : std::nullopt; };
@@ -393,14 +385,15 @@ GgufKeyValues gguf_tokenizer_metadata(const fs::path& dir, const ModelConfig& cf
     for (const auto& [key, t] : tc["added_tokens_decoder"].items()) {
       const int64_t id = std::stoll(key);
       if (id < 0 || id >= int64_t(v.tokens.size()) || !t.contains("content")) continue;
-      if (v.types[size_t(id)] == kNormal || v.types[size_t(id)] == kUnused) {
+      if (v.types[size_t(id)] == GgufTokenType::kNormal || v.types[size_t(id)] == GgufTokenType::kUnused) {
         v.tokens[size_t(id)] = t["content"].get<std::string>();
-        v.types[size_t(id)] = t.value("special", false) ? kControl : kUserDefined;
+        v.types[size_t(id)] =
+            t.value("special", false) ? GgufTokenType::kControl : GgufTokenType::kUserDefined;
       }
     }
   auto id_of = [&](const std::string& text) -> std::optional<int64_t> {
     for (size_t i = 0; i < v.tokens.size(); ++i)
-      if (v.tokens[i] == text && v.types[i] != kUnused) return int64_t(i);
+      if (v.tokens[i] == text && v.types[i] != GgufTokenType::kUnused) return int64_t(i);
     return std::nullopt;
   };
   auto token_id = [&](const char* key, std::optional<int64_t> fallback) -> std::optional<int64_t> {
