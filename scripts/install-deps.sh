@@ -11,6 +11,8 @@ packages=(
   libgtest-dev libgmock-dev
   libopenblas-dev
   libpcre2-dev libsentencepiece-dev libicu-dev
+  libcpp-httplib-dev
+  curl
   clang-format
 )
 

@@ -13,6 +13,7 @@
 #include "recipe/recipe.h"
 #include "recipe/recipe_schema.h"
 #include "tools/evaluate.h"
+#include "train/base_lock.h"
 
 namespace qlora::cli {
 
@@ -42,7 +43,7 @@ Runner add_eval(CLI::App& app) {
     std::string model, adapter, tokenizer, format = "messages", chat_template = "auto", quant = "nf4";
     std::vector<std::string> data, fields;
     int64_t seq_len = 0, batch = 4;
-    bool json = false;
+    bool json = false, allow_other_base = false;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, GGUF file, or builtin:tiny")
@@ -68,9 +69,15 @@ Runner add_eval(CLI::App& app) {
       ->check(CLI::IsMember({"nf4", "fp4", "none"}))
       ->capture_default_str();
   cmd->add_flag("--json", a->json, "Print the result as one JSON object");
+  cmd->add_flag("--allow-other-base", a->allow_other_base,
+                "Apply an adapter that records another base model's fingerprint (docs/serving.md#base-lock)");
   return [a, tmpl]() {
     EvalOptions opt;
     opt.model = resolve_model_path(a->model);
+    if (!a->adapter.empty()) {
+      const std::string warning = check_base_lock(a->adapter, opt.model, a->allow_other_base);
+      if (!warning.empty()) std::fprintf(stderr, "%s\n", warning.c_str());
+    }
     if (!a->adapter.empty()) opt.adapter = a->adapter;
     if (!a->tokenizer.empty()) opt.tokenizer = a->tokenizer;
     opt.weights.quantize = a->quant != "none";

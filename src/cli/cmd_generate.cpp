@@ -10,7 +10,9 @@
 #include "core/error.h"
 #include "model/builtin.h"
 #include "model/llama_generate.h"
+#include "serve/generation.h"
 #include "train/backend.h"
+#include "train/base_lock.h"
 #if QLORA_HAVE_CUDA
 #include "model/llama_cuda.h"
 #endif
@@ -50,7 +52,7 @@ Runner add_generate(CLI::App& app) {
     int64_t max_new = 64;
     float temperature = 0.0f, top_p = 1.0f;
     uint64_t seed = 0;
-    bool dense = false, ignore_eos = false, chat = false;
+    bool dense = false, ignore_eos = false, chat = false, allow_other_base = false;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, GGUF file, or builtin:tiny")
@@ -75,6 +77,8 @@ Runner add_generate(CLI::App& app) {
   cmd->add_option("--seed", a->seed, "Sampling seed");
   cmd->add_flag("--dense", a->dense, "Keep the base weights fp32 instead of NF4");
   cmd->add_flag("--ignore-eos", a->ignore_eos, "Do not stop at the end-of-sequence token");
+  cmd->add_flag("--allow-other-base", a->allow_other_base,
+                "Apply an adapter that records another base model's fingerprint (docs/serving.md#base-lock)");
   cmd->add_option(
          "--device", a->device,
          "auto (the GPU when one is usable, else the CPU with a warning), cpu (fp32, KV cache) or cuda "
@@ -91,6 +95,10 @@ Runner add_generate(CLI::App& app) {
     if (a->device == "auto" && why_no_gpu)
       std::fprintf(stderr, "warning: --device auto: %s; generating on the CPU\n", why_no_gpu->c_str());
     const auto dir = resolve_model_path(a->model);
+    if (!a->adapter.empty()) {
+      const std::string warning = check_base_lock(a->adapter, dir, a->allow_other_base);
+      if (!warning.empty()) std::fprintf(stderr, "%s\n", warning.c_str());
+    }
     WeightLoadOptions opt;
     opt.quantize = !a->dense;
     // The GPU streams the weights from the folder itself: the host then only checks it.
@@ -124,22 +132,16 @@ Runner add_generate(CLI::App& app) {
     (void)gpu;
 #endif
     if (!gen) gen = std::make_unique<LlamaGenerator>(w, lora.get(), total);
-    std::vector<float> logits(size_t(w.cfg.vocab_size));
-    gen->feed(prompt.data(), int64_t(prompt.size()), logits.data());
-    std::mt19937_64 rng(a->seed);
-    std::vector<int32_t> out;
-    // The model's end-of-sequence ids, and in a chat the tokenizer's too (the
-    // end-of-turn token a template closes replies with).
-    std::vector<int64_t> eos = w.cfg.eos_token_ids;
-    if (a->chat && tok->eos_id()) eos.push_back(*tok->eos_id());
-    for (int64_t s = 0; s < a->max_new; ++s) {
-      const int32_t id = sample_token(logits.data(), w.cfg.vocab_size, {a->temperature, a->top_p}, rng);
-      const bool end = !a->ignore_eos && std::find(eos.begin(), eos.end(), id) != eos.end();
-      if (end && a->chat) break;  // the reply alone
-      out.push_back(id);
-      if (end) break;
-      if (s + 1 < a->max_new) gen->feed(&id, 1, logits.data());
-    }
+    // The loop `qlora chat` and `qlora serve` run too (serve/generation.h).
+    GenerationSettings gs;
+    gs.max_new_tokens = a->max_new;
+    gs.sampling = {a->temperature, a->top_p};
+    gs.seed = a->seed;
+    gs.ignore_eos = a->ignore_eos;
+    gs.chat = a->chat;
+    const std::vector<int32_t> out =
+        generate_tokens(*gen, w.cfg.vocab_size, prompt, end_of_sequence_ids(w.cfg, tok.get(), a->chat), gs)
+            .ids;
     if (a->chat) {
       std::printf("%s\n", tok->decode(out, true).c_str());
       return 0;

@@ -9,6 +9,7 @@
 #include "core/progress.h"
 #include "model/builtin.h"
 #include "tools/merge_model.h"
+#include "train/base_lock.h"
 
 namespace qlora::cli {
 
@@ -19,7 +20,7 @@ Runner add_merge(CLI::App& app) {
       "merge", "Merge a LoRA adapter into its base model (a plain HF folder or a GGUF file)");
   struct Args {
     std::string model, adapter, output, dtype = "bf16", format;
-    bool overwrite = false, no_progress = false;
+    bool overwrite = false, no_progress = false, allow_other_base = false;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--model", a->model, "HF model folder, bnb 4-bit checkpoint, GGUF file, or builtin:tiny")
@@ -38,6 +39,8 @@ Runner add_merge(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--overwrite", a->overwrite, "Replace the output folder if it exists");
   cmd->add_flag("--no-progress", a->no_progress, "No progress bar");
+  cmd->add_flag("--allow-other-base", a->allow_other_base,
+                "Apply an adapter that records another base model's fingerprint (docs/serving.md#base-lock)");
   return [a]() {
     MergeOptions opt;
     const bool gguf_name = std::filesystem::path(a->output).extension() == ".gguf";
@@ -46,6 +49,10 @@ Runner add_merge(CLI::App& app) {
     opt.overwrite = a->overwrite;
     opt.progress = !a->no_progress && Progress::stderr_is_tty();
     const auto model = resolve_model_path(a->model);
+    if (!a->adapter.empty()) {
+      const std::string warning = check_base_lock(a->adapter, model, a->allow_other_base);
+      if (!warning.empty()) std::fprintf(stderr, "%s\n", warning.c_str());
+    }
     const MergeReport r = merge_model(model, a->adapter, a->output, opt);
     std::printf("merged %s + %s -> %s\n", model.string().c_str(), a->adapter.c_str(), a->output.c_str());
     std::printf("  %lld linear weights W + scale*B*A from %s, %lld tensors copied, %s in %s (%s) in %s\n",

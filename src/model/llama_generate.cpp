@@ -10,39 +10,69 @@
 
 namespace qlora {
 
-LlamaGenerator::LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq)
+namespace {
+
+// The generator's buffers for S tokens and LoRA rank R, taken from `a` in one
+// order (a measuring arena only adds up their sizes).
+struct GeneratorBuffers {
+  float *kcache, *vcache, *x, *ln, *q, *k, *v, *att, *tmp, *gate, *up, *h, *cos, *sin;
+  int32_t* pos;
+};
+
+GeneratorBuffers lay_out(Arena& a, const ModelConfig& cfg, int64_t S, int64_t R) {
+  const int64_t C = cfg.hidden_size, I = cfg.intermediate_size, QD = cfg.q_dim(), KVD = cfg.kv_dim(),
+                L = cfg.num_hidden_layers, D = cfg.head_dim;
+  auto f = [&](int64_t n, const char* what) { return a.take<float>(size_t(n), what); };
+  GeneratorBuffers b;
+  b.kcache = f(L * S * KVD, "k cache");
+  b.vcache = f(L * S * KVD, "v cache");
+  b.x = f(S * C, "x");
+  b.ln = f(S * C, "ln");
+  b.q = f(S * QD, "q");
+  b.k = f(S * KVD, "k");
+  b.v = f(S * KVD, "v");
+  b.att = f(S * QD, "att");
+  b.tmp = f(S * C, "tmp");
+  b.gate = f(S * I, "gate");
+  b.up = f(S * I, "up");
+  b.h = f(S * R, "lora h");
+  b.cos = f(S * D / 2, "cos");
+  b.sin = f(S * D / 2, "sin");
+  b.pos = a.take<int32_t>(size_t(S), "positions");
+  return b;
+}
+
+}  // namespace
+
+LlamaGenerator::LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq,
+                               int64_t lora_rank)
     : w_(w), lora_(lora), cfg_(w.cfg), max_seq_(max_seq) {
   if (max_seq <= 0 || max_seq > cfg_.max_position_embeddings)
     fail("sequence of ", max_seq, " tokens does not fit the model's max_position_embeddings ",
          cfg_.max_position_embeddings);
-  const int64_t S = max_seq, C = cfg_.hidden_size, I = cfg_.intermediate_size, QD = cfg_.q_dim(),
-                KVD = cfg_.kv_dim(), L = cfg_.num_hidden_layers, D = cfg_.head_dim;
-  const int64_t R = lora ? lora->config().rank : 1;
-  auto lay = [&](Arena& a) {
-    auto f = [&](int64_t n, const char* what) { return a.take<float>(size_t(n), what); };
-    kcache_ = f(L * S * KVD, "k cache");
-    vcache_ = f(L * S * KVD, "v cache");
-    x_ = f(S * C, "x");
-    ln_ = f(S * C, "ln");
-    q_ = f(S * QD, "q");
-    k_ = f(S * KVD, "k");
-    v_ = f(S * KVD, "v");
-    att_ = f(S * QD, "att");
-    tmp_ = f(S * C, "tmp");
-    gate_ = f(S * I, "gate");
-    up_ = f(S * I, "up");
-    h_ = f(S * R, "lora h");
-    cos_ = f(S * D / 2, "cos");
-    sin_ = f(S * D / 2, "sin");
-    pos_ = a.take<int32_t>(size_t(S), "positions");
-  };
-  Arena measure;
-  lay(measure);
-  arena_ = Arena(measure.used(), "generation");
-  lay(arena_);
+  lora_rank_ = std::max<int64_t>({int64_t(1), lora_rank, lora ? lora->config().rank : 1});
+  arena_ = Arena(arena_bytes(cfg_, max_seq, lora_rank_), "generation");
+  const GeneratorBuffers b = lay_out(arena_, cfg_, max_seq, lora_rank_);
+  kcache_ = b.kcache, vcache_ = b.vcache, x_ = b.x, ln_ = b.ln, q_ = b.q, k_ = b.k, v_ = b.v, att_ = b.att;
+  tmp_ = b.tmp, gate_ = b.gate, up_ = b.up, h_ = b.h, cos_ = b.cos, sin_ = b.sin, pos_ = b.pos;
+  const int64_t D = cfg_.head_dim;
   std::vector<float> inv(size_t(D / 2));
   ops::rope_inv_freq(inv.data(), rope_params(cfg_), D);
-  ops::rope_tables(cos_, sin_, inv.data(), S, D);
+  ops::rope_tables(cos_, sin_, inv.data(), max_seq, D);
+}
+
+size_t LlamaGenerator::arena_bytes(const ModelConfig& cfg, int64_t max_seq, int64_t lora_rank) {
+  Arena measure;
+  lay_out(measure, cfg, max_seq, std::max<int64_t>(1, lora_rank));
+  return measure.used();
+}
+
+void LlamaGenerator::set_lora(const LoraWeights* lora) {
+  if (lora && lora->config().rank > lora_rank_)
+    fail("adapter of LoRA rank ", lora->config().rank, " exceeds the rank ", lora_rank_,
+         " this generator reserved");
+  lora_ = lora;
+  past_ = 0;
 }
 
 void LlamaGenerator::project(float* out, const float* inp, const ops::LinearWeight& w, const float* bias, int64_t l,

@@ -16,13 +16,22 @@ namespace qlora {
 class LlamaGenerator final : public TokenGenerator {
  public:
   // Cache and activations for up to max_seq tokens (prompt + generated),
-  // sized here; max_seq beyond max_position_embeddings throws.
-  LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq);
+  // sized here; max_seq beyond max_position_embeddings throws. lora_rank
+  // reserves room for adapters up to that rank (set_lora), beyond lora's own.
+  LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, int64_t max_seq, int64_t lora_rank = 0);
   // Appends T tokens to the sequence and writes the logits (V) of the last one.
   void feed(const int32_t* tokens, int64_t T, float* logits) override;
   int64_t length() const override { return past_; }
   int64_t capacity() const override { return max_seq_; }
   void reset() { past_ = 0; }
+  // Empties the sequence and applies `lora` (unmerged; nullptr = the base
+  // alone) from now on: one generator, its cache allocated once, serves any
+  // adapter of rank up to the one reserved. Throws past that rank.
+  void set_lora(const LoraWeights* lora);
+  // The bytes of its cache and activations.
+  size_t arena_bytes() const { return arena_.capacity(); }
+  // The same, before building one: what a server plans per concurrent generation.
+  static size_t arena_bytes(const ModelConfig& cfg, int64_t max_seq, int64_t lora_rank);
 
  private:
   void project(float* out, const float* inp, const ops::LinearWeight& w, const float* bias, int64_t l, LoraTarget t,
@@ -30,7 +39,7 @@ class LlamaGenerator final : public TokenGenerator {
   const LlamaWeights& w_;
   const LoraWeights* lora_;
   ModelConfig cfg_;
-  int64_t max_seq_, past_ = 0;
+  int64_t max_seq_, past_ = 0, lora_rank_ = 1;
   Arena arena_;
   float *kcache_, *vcache_;  // (L, S, KVH*D)
   float *x_, *ln_, *q_, *k_, *v_, *att_, *tmp_, *gate_, *up_, *h_, *cos_, *sin_;

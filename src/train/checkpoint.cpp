@@ -167,7 +167,7 @@ fs::path save_checkpoint(const fs::path& output_dir, const TrainState& state, co
     fs::create_directories(checkpoints_dir(output_dir), ec);
     if (ec) fail(checkpoints_dir(output_dir).string(), ": cannot create: ", ec.message());
     AtomicDir out(dir, /*replace=*/true);
-    save_peft_adapter(lora, cfg, out.path() / kAdapterDir, base_model_name);
+    save_peft_adapter(lora, cfg, out.path() / kAdapterDir, base_model_name, state.base_fingerprint);
     write_optimizer_state(out.path() / kOptimizerFile, opt);
     write_file_atomic(out.path() / kStateFile, state_json(state, opt));
     out.commit();

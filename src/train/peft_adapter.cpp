@@ -56,7 +56,7 @@ nlohmann::json peft_adapter_config(const LoraConfig& lc, const std::string& base
 }
 
 void save_peft_adapter(const LoraWeights& lora, const ModelConfig& cfg, const std::filesystem::path& dir,
-                       const std::string& base_model_name_or_path) {
+                       const std::string& base_model_name_or_path, const std::string& base_fingerprint) {
   const LoraConfig& lc = lora.config();
   // The adapter was laid out for one model; writing it under another's shapes
   // would read past its tensors.
@@ -93,7 +93,9 @@ void save_peft_adapter(const LoraWeights& lora, const ModelConfig& cfg, const st
   AtomicDir out(dir, /*replace=*/true);
   write_file_atomic(out.path() / "adapter_config.json",
                     peft_adapter_config(lc, base_model_name_or_path).dump(2) + "\n");
-  SafetensorsWriter w(out.path() / "adapter_model.safetensors", specs, {{"format", "pt"}});
+  std::map<std::string, std::string> metadata{{"format", "pt"}};
+  if (!base_fingerprint.empty()) metadata[kAdapterFingerprintKey] = base_fingerprint;
+  SafetensorsWriter w(out.path() / "adapter_model.safetensors", specs, metadata);
   for (const auto& it : items) w.write(it.data, size_t(it.spec.nbytes()));
   w.commit();
   out.commit();

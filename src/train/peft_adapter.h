@@ -21,11 +21,17 @@ nlohmann::json peft_adapter_config(const LoraConfig& lc, const std::string& base
 
 // Writes dir/adapter_config.json and dir/adapter_model.safetensors (PEFT
 // names, lora_A [r, in], lora_B [out, r], F32 so the round trip is exact,
-// "__metadata__": {"format": "pt"} as PEFT writes). The folder is built under
-// a temporary name and renamed into place; an existing dir is replaced only
+// "__metadata__": {"format": "pt"} as PEFT writes, plus
+// "qlora_base_fingerprint" when base_fingerprint is not empty: the base lock,
+// train/base_lock.h; kept out of adapter_config.json because PEFT warns about
+// every key its LoraConfig does not know). The folder is built under a
+// temporary name and renamed into place; an existing dir is replaced only
 // once the new one is complete. Errors name the folder.
 void save_peft_adapter(const LoraWeights& lora, const ModelConfig& cfg, const std::filesystem::path& dir,
-                       const std::string& base_model_name_or_path);
+                       const std::string& base_model_name_or_path, const std::string& base_fingerprint = {});
+
+// The safetensors metadata key of the base fingerprint.
+inline constexpr const char* kAdapterFingerprintKey = "qlora_base_fingerprint";
 
 // Reads the PEFT adapter in `dir` (LoraWeights::load_peft: names and shapes
 // against cfg) and checks that it fits `like`: the same rank, target modules,

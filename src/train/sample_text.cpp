@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/atomic_file.h"
+#include "core/error.h"
 #include "data/tokenize_sample.h"
 #include "kernels/ops.h"
 #include "model/llama_generate.h"
@@ -37,18 +38,29 @@ SampleReplies load_sample_replies(const std::filesystem::path& run_dir) {
 
 std::vector<int32_t> chat_prompt_ids(const Tokenizer& tok, const ChatTemplate& tmpl,
                                      const std::string& prompt, const std::string& system) {
-  // Render the prompt with a placeholder reply and keep the untrained prefix:
-  // that is exactly what the template puts before an assistant turn.
+  Conversation c;
+  if (!system.empty()) c.push_back({Role::system, system, {}});
+  c.push_back({Role::user, prompt, {}});
+  return chat_prompt_ids(tok, tmpl, c);
+}
+
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tok, const ChatTemplate& tmpl,
+                                     const Conversation& history) {
+  if (history.empty() || history.back().role != Role::user)
+    fail("chat prompt: the conversation must end with a user message");
+  // Render the history with a placeholder reply and keep what comes before
+  // that reply's trained tokens: exactly what the template puts before an
+  // assistant turn (earlier replies are trained too, so the cut is at the
+  // start of the last trained run).
   Sample sample;
-  if (!system.empty()) sample.conversation.push_back({Role::system, system, {}});
-  sample.conversation.push_back({Role::user, prompt, {}});
+  sample.conversation = history;
   sample.conversation.push_back({Role::assistant, "x", {}});
-  sample.where = "logging.sample_prompts";
+  sample.where = "chat prompt";
   const TokenizedSample s = tokenize_sample(tok, tmpl, sample, {});
-  std::vector<int32_t> ids;
-  for (size_t i = 0; i < s.input_ids.size() && s.labels[i] == ops::kIgnoreIndex; ++i)
-    ids.push_back(s.input_ids[i]);
-  return ids;
+  size_t end = s.labels.size();
+  while (end > 0 && s.labels[end - 1] == ops::kIgnoreIndex) --end;  // untrained text after the reply
+  while (end > 0 && s.labels[end - 1] != ops::kIgnoreIndex) --end;  // the reply itself
+  return std::vector<int32_t>(s.input_ids.begin(), s.input_ids.begin() + std::ptrdiff_t(end));
 }
 
 std::string sample_reply(const MakeGenerator& make, const ModelConfig& cfg, const Tokenizer& tok,

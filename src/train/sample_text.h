@@ -28,6 +28,11 @@ namespace qlora {
 // encodes it for training. Empty when the template renders nothing before it.
 std::vector<int32_t> chat_prompt_ids(const Tokenizer& tok, const ChatTemplate& tmpl,
                                      const std::string& prompt, const std::string& system = {});
+// The same for a whole conversation ending with a user message (a chat's
+// history): every earlier turn as the template renders it, then the header
+// of the next assistant reply. Equals the overload above for [system,] user.
+std::vector<int32_t> chat_prompt_ids(const Tokenizer& tok, const ChatTemplate& tmpl,
+                                     const Conversation& history);
 
 // The sample replies of a run, kept in its folder (samples.json) so that the
 // report of a resumed run still shows the answers from before training.

@@ -325,7 +325,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   checkpoint(total);
   line.finish();
   sum.adapter_dir = setup.output_dir / "adapter";
-  save_peft_adapter(lora, cfg, sum.adapter_dir, setup.base_name);
+  save_peft_adapter(lora, cfg, sum.adapter_dir, setup.base_name, setup.fingerprint);
   std::fprintf(out, "adapter: %s\n", sum.adapter_dir.string().c_str());
   if (o.samples) print_samples(setup, r, *engine, true, out);
   if (r.output.merge) {
