@@ -173,6 +173,22 @@ def test_adapters_answer_differently(client):
     assert len(set(answers.values())) == 3, answers
 
 
+def test_stop_sequences(client, adapters):
+    """`stop` cuts the answer before the first stop string (plain and streamed), finish_reason "stop"."""
+    full = generate(adapters, "base", PROMPTS[0], chat=True)
+    stop = next((full[i:i + 3] for i in range(1, len(full) - 3) if re.fullmatch(r"[ -~]{3}", full[i:i + 3])), None)
+    assert stop, f"no ASCII run in {full!r} to stop at"
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    r = client.chat.completions.create(model="base", messages=msgs, max_tokens=MAX_TOKENS, stop=[stop], **SAMPLING)
+    parts = client.chat.completions.create(model="base", messages=msgs, max_tokens=MAX_TOKENS, stop=stop, stream=True,
+                                           **SAMPLING)
+    streamed = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+    want = full[:full.index(stop)]
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == "stop"
+    assert streamed == want
+
+
 def test_curl(server, adapters):
     body = {"model": "legal", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": MAX_TOKENS,
             **SAMPLING}
