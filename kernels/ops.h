@@ -126,7 +126,9 @@ void rope_backward(float* dx, const int32_t* pos, const float* cos, const float*
 
 // ---- attention (causal, grouped-query, document-masked) ------------------------
 // Token t of a row attends to tokens s with doc_start[t] <= s <= t: causal and
-// only within its own document of a packed row (doc_start[t] = t - position).
+// only within its own document of a packed row (doc_start[t] = t - position),
+// and within a sliding window when the caller raises doc_start to
+// max(doc_start, t - window + 1) (model/llama.h window_starts).
 // out is (B,T,H,D); lse is (B,H,T), saved (log-sum-exp of each softmax row, so
 // backward recomputes probabilities instead of keeping (B,H,T,T));
 // q is (B,T,H,D); k, v are (B,T,KVH,D); doc_start is (B,T), values in [0,t].
@@ -139,10 +141,11 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                         int64_t T, int64_t H, int64_t KVH, int64_t D);
 // Inference against a KV cache of one sequence: the T new queries sit at cache
 // positions past..past+T-1 (their keys/values already written there) and each
-// attends causally to the cache up to its own position.
+// attends causally to the cache up to its own position p, from p - window + 1
+// on when window > 0 (a sliding-window layer; 0: the whole cache).
 // out is (T,H,D); q is (T,H,D); kcache, vcache are (S,KVH,D) with past+T <= S.
 void attention_cached_forward(float* out, const float* q, const float* kcache, const float* vcache, int64_t past,
-                              int64_t T, int64_t H, int64_t KVH, int64_t D);
+                              int64_t T, int64_t H, int64_t KVH, int64_t D, int64_t window = 0);
 
 // ---- SwiGLU ------------------------------------------------------------------
 // out = silu(gate) * up; out, gate, up are (N,I).

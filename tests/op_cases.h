@@ -33,7 +33,9 @@ struct RmsnormCase {
 inline std::vector<RmsnormCase> rmsnorm_cases() {
   return {{1, 1, 1.0f, 1e-5f},     {1, 7, 1.0f, 1e-5f},    {3, 31, 1.0f, 1e-6f},   {4, 33, 1.0f, 1e-5f},
           {2, 255, 1.0f, 1e-5f},   {5, 257, 1.0f, 1e-5f},  {1, 3001, 1.0f, 1e-6f}, {2, 4096, 1.0f, 1e-5f},
-          {3, 100, 1.0e4f, 1e-5f}, {2, 50, 1.0e-3f, 1e-5f}};
+          {3, 100, 1.0e4f, 1e-5f}, {2, 50, 1.0e-3f, 1e-5f},
+          // qwen3's per-head q/k norm: this op on (N*H, D) rows, D = 128 (6 tokens x 16 heads), eps 1e-6
+          {96, 128, 1.0f, 1e-6f}};
 }
 
 struct SwigluCase {

@@ -113,6 +113,15 @@ const Expected kExpected[] = {
      "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\npadded question<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nanswer with spaces<|eot_id|>"},
     {"llama3", "useronly",
      "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"},
+    // Qwen3's chat_template (Qwen/Qwen3-* tokenizer_config.json): the last reply gets an empty think block.
+    {"qwen3", "one",
+     "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHi there. How can I help?<|im_end|>\n"},
+    {"qwen3", "sys2",
+     "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n6<|im_end|>\n"},
+    {"qwen3", "spaces",
+     "<|im_start|>user\n padded question \n<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n  answer with spaces  <|im_end|>\n"},
+    {"qwen3", "useronly",
+     "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"},
 };
 
 TEST(ChatTemplate, RendersExactlyWhatTheJinjaTemplatesRender) {
@@ -137,7 +146,7 @@ TEST(ChatTemplate, TrainsAssistantRepliesAndTheirEndOfTurnToken) {
       {"llama2", " 4 </s> 6 </s>"},          {"mistral-v1", " 4</s> 6</s>"},
       {"mistral-v3", " 4</s> 6</s>"},        {"mistral-nemo", "4</s>6</s>"},
       {"chatml", "4<|im_end|>6<|im_end|>"},  {"qwen2.5", "4<|im_end|>6<|im_end|>"},
-      {"smollm2", "4<|im_end|>6<|im_end|>"},
+      {"smollm2", "4<|im_end|>6<|im_end|>"}, {"qwen3", "4<|im_end|>6<|im_end|>"},
       {"alpaca", "4<eos>6<eos>"},            {"none", "4<eos>6<eos>"},
   };
   TemplateOptions o;
@@ -178,6 +187,42 @@ TEST(ChatTemplate, GenerationPromptIsTheAssistantHeader) {
     for (const auto& s : t.render(c, true)) with += s.text;
     EXPECT_EQ(with, t.render_text(c) + h);
   }
+}
+
+// Qwen3: past replies lose their reasoning, the replies after the last user
+// message keep it in a think block (trained), an empty block is not trained;
+// the generation prompt has the empty block only with enable_thinking false
+// (Jinja2 renders of the real template, as the table above).
+TEST(ChatTemplate, Qwen3ThinkBlocks) {
+  const auto t = ChatTemplate::named("qwen3");
+  EXPECT_TRUE(t.options().enable_thinking);
+  const Conversation think = {msg(Role::user, "Q1"), msg(Role::assistant, "<think>\nold reasoning\n</think>\n\nA1"),
+                              msg(Role::user, "Q2"),
+                              msg(Role::assistant, "<think>\nstep 1\nstep 2\n\n</think>\n\n\nA2")};
+  EXPECT_EQ(t.render_text(think),
+            "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\nstep 1\nstep 2\n</think>\n\nA2<|im_end|>\n");
+  EXPECT_EQ(trained_text(t.render(think)), "A1<|im_end|><think>\nstep 1\nstep 2\n</think>\n\nA2<|im_end|>");
+  const Conversation two = {msg(Role::user, "Q"), msg(Role::assistant, "first"),
+                            msg(Role::assistant, "<think>r</think>second")};
+  EXPECT_EQ(t.render_text(two),
+            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nfirst<|im_end|>\n<|im_start|>assistant\n"
+            "<think>\nr\n</think>\n\nsecond<|im_end|>\n");
+  const auto& c = conversations().at("one");
+  EXPECT_EQ(trained_text(t.render(c)), "Hi there. How can I help?<|im_end|>");
+
+  const auto& u = conversations().at("useronly");
+  std::string with, without;
+  for (const auto& s : t.render(u, true)) with += s.text;
+  const auto nothink = ChatTemplate::named("qwen3-nothink");
+  EXPECT_FALSE(nothink.options().enable_thinking);
+  EXPECT_EQ(nothink.kind(), ChatTemplate::Kind::qwen3);
+  for (const auto& s : nothink.render(u, true)) without += s.text;
+  EXPECT_EQ(with, t.render_text(u) + "<|im_start|>assistant\n");
+  EXPECT_EQ(without, t.render_text(u) + "<|im_start|>assistant\n<think>\n\n</think>\n\n");
+  // Detected by its think markers, before the ChatML families.
+  EXPECT_EQ(ChatTemplate::detect("{%- set ns = namespace(last_query_index=0) %}<|im_start|><think><|im_end|>"),
+            ChatTemplate::Kind::qwen3);
 }
 
 TEST(ChatTemplate, SpecialSegmentsAreSingleTokensAndNeighboursMerge) {

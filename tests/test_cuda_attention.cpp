@@ -1,6 +1,7 @@
 // Causal GQA attention with document masks on the GPU (kernels/cuda/attention_cuda.h)
 // against the fp32 CPU op (ops::attention_forward / attention_backward), on
-// one list of cases.
+// one list of cases; some with a sliding window (the mask the model passes:
+// doc_start raised to t - window + 1, model/llama.h window_starts).
 //
 // AttentionCases*: the CPU op on those cases against attention computed in
 // double precision (softmax, then the analytic gradients). They run on every
@@ -51,6 +52,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "kernels/ops.h"
+#include "model/llama.h"
 #include "op_cases.h"
 
 #if QLORA_HAVE_CUDA
@@ -78,6 +80,7 @@ struct AttentionCase {
   // at entry b, so rows differ; the last one is cut at T). Empty: one document per row.
   std::vector<int64_t> docs;
   float q_sigma;  // standard deviation of q; k, v, dout have 1. Larger: a peakier softmax.
+  int64_t window = 0;  // sliding window (keys s with t - s < window); 0: none
 };
 
 std::vector<AttentionCase> attention_cases() {
@@ -91,6 +94,11 @@ std::vector<AttentionCase> attention_cases() {
       {1, 200, 4, 1, 64, {130, 70}, 4.0f},         // scores ~4: the running maximum moves across tiles
       {1, 65, 2, 1, 256, {33, 1, 31}, 1.0f},       // the largest head-dim bucket
       {2, 33, 4, 4, 40, {10, 23}, 1.0f},           // D inside a bucket (padded to 64)
+      // sliding windows: inside one tile, across tile edges with documents, of one key
+      {2, 65, 4, 2, 16, {40, 25}, 1.0f, 5},
+      {1, 200, 4, 1, 64, {130, 1, 69}, 1.0f, 70},
+      {2, 200, 2, 2, 128, {}, 1.0f, 64},
+      {1, 33, 2, 1, 8, {20, 13}, 1.0f, 1},
   };
 }
 
@@ -100,11 +108,12 @@ std::string describe(const AttentionCase& c) {
      << " docs {";
   for (size_t i = 0; i < c.docs.size(); ++i) os << (i ? "," : "") << c.docs[i];
   os << "} q_sigma " << c.q_sigma;
+  if (c.window > 0) os << " window " << c.window;
   return os.str();
 }
 
 // doc_start as the model builds it: positions restart at 0 at each document, doc_start[t] = t - pos[t].
-std::vector<int32_t> doc_starts(const AttentionCase& c) {
+std::vector<int32_t> document_starts(const AttentionCase& c) {
   std::vector<int32_t> doc(sz(c.B * c.T));
   for (int64_t b = 0; b < c.B; ++b) {
     size_t next = sz(b);
@@ -117,6 +126,13 @@ std::vector<int32_t> doc_starts(const AttentionCase& c) {
       doc[sz(b * c.T + t)] = static_cast<int32_t>(t - pos);
     }
   }
+  return doc;
+}
+
+// The mask the attention ops get: document starts, raised by the window if any.
+std::vector<int32_t> doc_starts(const AttentionCase& c) {
+  std::vector<int32_t> doc = document_starts(c);
+  if (c.window > 0) window_starts(doc.data(), doc.data(), c.B, c.T, c.window);
   return doc;
 }
 
@@ -259,7 +275,12 @@ ExactAttention exact_attention(const AttentionCase& c, const AttentionRun& r) {
 TEST(AttentionCases, DocStartsRestartAtEachDocument) {
   for (const AttentionCase& c : attention_cases()) {
     const std::string what = describe(c);
-    const auto doc = doc_starts(c);
+    const auto doc = document_starts(c);
+    const auto mask = doc_starts(c);
+    for (int64_t i = 0; i < c.B * c.T; ++i) {
+      const int64_t t = i % c.T, w = c.window > 0 ? c.window : c.T + 1;
+      ASSERT_EQ(mask[sz(i)], std::max<int64_t>(doc[sz(i)], t - w + 1)) << what << " i " << i;
+    }
     for (int64_t b = 0; b < c.B; ++b) {
       int64_t starts = 0, single = 0;
       for (int64_t t = 0; t < c.T; ++t) {

@@ -1,6 +1,7 @@
 // The whole model on the GPU against the fp32 CPU reference: loss and LoRA
 // gradients of builtin:tiny (4 layers, GQA, NF4 base), and a 50-step
-// `qlora run` whose loss curve on CUDA tracks the CPU one. Skips without a GPU.
+// `qlora run` whose loss curve on CUDA tracks the CPU one; a Qwen3 model with
+// a sliding-window layer. Skips without a GPU.
 //
 // Threshold. The CPU computes in fp32 throughout; the GPU rounds every
 // activation to bf16 (relative error <= 2^-8 per rounding, see
@@ -25,6 +26,7 @@
 #include "cuda_testing.h"
 #include "model/builtin.h"
 #include "model/llama.h"
+#include "model/random_weights.h"
 #include "model/weights.h"
 #include "plan/plan.h"
 #include "test_models.h"
@@ -103,6 +105,43 @@ TEST(CudaModel, LossAndLoraGradientsTrackTheCpu) {
       (void)gpu.forward(batch.view(B, T));
       EXPECT_EQ(gpu.forward_count(), count) << what;
     }
+}
+
+// Qwen3's per-head q/k norms (head_dim 16 != hidden 32 / 4 heads) and a
+// sliding window of 5 on layer 1 of 2 (layer 0 full), random NF4 weights with
+// q/k norm weights away from 1: the same bound as above.
+TEST(CudaModel, Qwen3WithASlidingWindowTracksTheCpu) {
+  QLORA_REQUIRE_GPU();
+  ModelConfig cfg = testing::tiny_gqa_config(2);
+  cfg.arch = Arch::Qwen3;
+  cfg.model_type = "qwen3";
+  cfg.qk_norm = true;
+  cfg.head_dim = 16;
+  cfg.sliding_window = 5;
+  cfg.sliding_layers = {false, true};
+  LlamaWeights w = random_llama_weights(cfg, WeightLoadOptions{}, 11, 0.1f);
+  for (LlamaLayerWeights& lw : w.layers)
+    for (const float* norm : {lw.q_norm, lw.k_norm}) {
+      float* n = const_cast<float*>(norm);  // the arena's own memory
+      for (int64_t d = 0; d < cfg.head_dim; ++d) n[d] = 1.0f + 0.25f * float((d * 5) % 7 - 3);
+    }
+  const int64_t B = 2, T = 40;
+  const Batch batch = make_batch(B, T, cfg.vocab_size);
+  LoraConfig lc;
+  lc.rank = 4;
+  LoraWeights lora = testing::random_lora(cfg, lc, 300, 0.05f);
+  LlamaModel cpu(w, &lora, B, T);
+  const double cpu_loss = cpu.forward(batch.view(B, T));
+  cpu.backward();
+  CudaContext ctx;
+  CudaLlamaModel gpu(ctx, w, &lora, B, T);
+  const double gpu_loss = gpu.forward(batch.view(B, T));
+  gpu.backward();
+  EXPECT_LE(std::abs(gpu_loss - cpu_loss), chain_bound(cfg.num_hidden_layers) * cpu_loss);
+  std::vector<float> grads(lora.flat_size());
+  gpu.download_grads(grads.data());
+  const std::vector<float> want(lora.flat_grads(), lora.flat_grads() + lora.flat_size());
+  EXPECT_LE(rel_l2(want, grads), chain_bound(cfg.num_hidden_layers));
 }
 
 TEST(CudaModel, BadTokensAndTargetsAreNamed) {
@@ -290,6 +329,9 @@ TEST(CudaModel, FiftyStepRunTracksTheCpu) {
 #else
 
 TEST(CudaModel, LossAndLoraGradientsTrackTheCpu) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaModel, Qwen3WithASlidingWindowTracksTheCpu) {
   QLORA_REQUIRE_GPU();
 }
 TEST(CudaModel, BadTokensAndTargetsAreNamed) {

@@ -515,6 +515,11 @@ TEST(GgufExport, ConfigRoundTripsThroughTheMetadata) {
   mistral["model_type"] = "mistral";
   mistral["sliding_window"] = nullptr;
   cases.emplace_back("mistral", mistral);
+  nlohmann::json qwen3 = qwen;  // llama.cpp's "qwen3": q/k norms, head_dim != hidden / heads
+  qwen3["architectures"] = {"Qwen3ForCausalLM"};
+  qwen3["model_type"] = "qwen3";
+  qwen3["head_dim"] = 32;
+  cases.emplace_back("qwen3", qwen3);
 
   int n = 0;
   for (const auto& [name, j] : cases) {
@@ -546,6 +551,7 @@ TEST(GgufExport, ConfigRoundTripsThroughTheMetadata) {
     EXPECT_EQ(b.tie_word_embeddings, a.tie_word_embeddings);
     EXPECT_EQ(b.attention_bias, a.attention_bias);
     EXPECT_EQ(b.mlp_bias, a.mlp_bias);
+    EXPECT_EQ(b.qk_norm, a.qk_norm);
   }
 }
 

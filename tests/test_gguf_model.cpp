@@ -404,6 +404,8 @@ TEST(GgufNames, LlamaCppTensorNames) {
   EXPECT_EQ(gguf_module_name(TensorKind::Embed, -1), "token_embd");
   EXPECT_EQ(gguf_module_name(TensorKind::LmHead, -1), "output");
   EXPECT_EQ(gguf_module_name(TensorKind::FinalNorm, -1), "output_norm");
+  EXPECT_EQ(gguf_module_name(TensorKind::QNorm, 2), "blk.2.attn_q_norm");  // llama.cpp's qwen3
+  EXPECT_EQ(gguf_module_name(TensorKind::KNorm, 2), "blk.2.attn_k_norm");
 }
 
 }  // namespace

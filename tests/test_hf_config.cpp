@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "io/hf_config.h"
+#include "model/tensor_table.h"
 #include "testing.h"
 
 namespace qlora {
@@ -282,14 +283,91 @@ TEST(HfConfig, Qwen25_05bTied) {
   EXPECT_FALSE(c.sliding_window.has_value());
 }
 
+// Qwen2Config / Qwen3Config (transformers 5.25): the window applies only with
+// use_sliding_window, to the layers with index >= max_window_layers (default
+// 28), or to those layer_types marks "sliding_attention".
 TEST(HfConfig, Qwen2SlidingWindowOnlyWhenEnabled) {
-  json j = minimal("qwen2");
-  j["sliding_window"] = 4096;
-  EXPECT_FALSE(parse_model_config(j, "config.json").sliding_window.has_value());
-  j["use_sliding_window"] = true;
-  EXPECT_EQ(parse_model_config(j, "config.json").sliding_window, std::optional<int64_t>(4096));
-  j["sliding_window"] = 1024;
-  EXPECT_EQ(parse_model_config(j, "config.json").sliding_window, std::optional<int64_t>(1024));
+  for (const char* arch : {"qwen2", "qwen3"}) {
+    SCOPED_TRACE(arch);
+    json j = minimal(arch);  // 2 layers
+    j["sliding_window"] = 4096;
+    j["max_window_layers"] = 0;
+    EXPECT_FALSE(parse_model_config(j, "config.json").sliding_window.has_value());
+    j["use_sliding_window"] = true;
+    ModelConfig c = parse_model_config(j, "config.json");
+    EXPECT_EQ(c.sliding_window, std::optional<int64_t>(4096));
+    EXPECT_EQ(c.attention_window(0), 4096);
+    EXPECT_EQ(c.attention_window(1), 4096);
+    j["sliding_window"] = 1024;
+    j["max_window_layers"] = 1;
+    c = parse_model_config(j, "config.json");
+    EXPECT_EQ(c.attention_window(0), 0);
+    EXPECT_EQ(c.attention_window(1), 1024);
+    // The class default of 28 covers both layers: no layer slides, so no window at all.
+    j.erase("max_window_layers");
+    EXPECT_FALSE(parse_model_config(j, "config.json").sliding_window.has_value());
+    // layer_types wins over max_window_layers.
+    j["max_window_layers"] = 1;
+    j["layer_types"] = {"sliding_attention", "full_attention"};
+    c = parse_model_config(j, "config.json");
+    EXPECT_EQ(c.attention_window(0), 1024);
+    EXPECT_EQ(c.attention_window(1), 0);
+    j["sliding_window"] = nullptr;  // null: none, whatever the flags say
+    EXPECT_FALSE(parse_model_config(j, "config.json").sliding_window.has_value());
+    j["sliding_window"] = 1024;
+    for (const json& bad : {json{"sliding_attention"}, json{"full_attention", "chunked_attention"}, json("full")}) {
+      j["layer_types"] = bad;
+      const std::string e = error_of([&] { parse_model_config(j, "config.json"); });
+      EXPECT_NE(e.find("\"layer_types\""), std::string::npos) << e;
+      EXPECT_NE(e.find("one per layer"), std::string::npos) << e;
+    }
+    j.erase("layer_types");
+    j["max_window_layers"] = -1;
+    EXPECT_NE(error_of([&] { parse_model_config(j, "config.json"); }).find("max_window_layers"), std::string::npos);
+  }
+}
+
+// Qwen/Qwen3-0.6B's config.json: head_dim 128 with hidden 1024 and 16 heads
+// (q_proj 1024 -> 2048), q/k norms, no biases, tied embeddings.
+TEST(HfConfig, Qwen3_06b) {
+  const ModelConfig c = load_text(R"({
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+    "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": true,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true,
+    "use_sliding_window": false, "vocab_size": 151936
+  })");
+  EXPECT_EQ(c.arch, Arch::Qwen3);
+  EXPECT_EQ(c.head_dim, 128);
+  EXPECT_EQ(c.q_dim(), 2048);
+  EXPECT_EQ(c.kv_dim(), 1024);
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_FALSE(c.sliding_window.has_value());
+  EXPECT_EQ(c.max_position_embeddings, 40960);
+  EXPECT_EQ(c.eos_token_ids, std::vector<int64_t>{151645});
+  const std::vector<TensorSlot> slots = expected_tensors(c);
+  int norms = 0;
+  for (const TensorSlot& s : slots) {
+    if (s.kind == TensorKind::QNorm || s.kind == TensorKind::KNorm) {
+      ++norms;
+      EXPECT_EQ(s.shape, Shape{128}) << s.name;
+    }
+    if (s.name == "model.layers.0.self_attn.q_proj.weight") {
+      EXPECT_EQ(s.shape, (Shape{2048, 1024}));
+    }
+    if (s.name == "model.layers.0.self_attn.o_proj.weight") {
+      EXPECT_EQ(s.shape, (Shape{1024, 2048}));
+    }
+    EXPECT_NE(s.kind, TensorKind::QBias) << s.name;
+    EXPECT_NE(s.kind, TensorKind::LmHead) << s.name;
+  }
+  EXPECT_EQ(norms, 2 * 28);
+  EXPECT_EQ(slots[2].name, "model.layers.0.self_attn.q_proj.weight");
 }
 
 // lmsys/vicuna-7b-v1.5-16k: legacy "type" key, linear interpolation by 4.
@@ -457,7 +535,7 @@ TEST(HfConfig, UnknownModelTypeListsSupported) {
   const std::string msg = error_of([&] { parse_model_config(j, "config.json"); });
   EXPECT_NE(msg.find("config.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("\"gpt2\" is not supported"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("llama, mistral, qwen2"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("llama, mistral, qwen2, qwen3"), std::string::npos) << msg;
 
   j.erase("model_type");
   EXPECT_NE(error_of([&] { parse_model_config(j, "config.json"); }).find("model_type"), std::string::npos);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -25,18 +26,22 @@
 namespace qlora {
 namespace {
 
-const SafetensorsFile& golden() {
-  static const SafetensorsFile f(std::string(QLORA_SOURCE_DIR) + "/tests/reference/model_golden.safetensors");
-  return f;
+const SafetensorsFile& golden_file(const char* name) {
+  static std::map<std::string, SafetensorsFile> files;
+  auto it = files.find(name);
+  if (it == files.end())
+    it = files.emplace(name, SafetensorsFile(std::string(QLORA_SOURCE_DIR) + "/tests/reference/" + name)).first;
+  return it->second;
 }
+const SafetensorsFile& golden() { return golden_file("model_golden.safetensors"); }
 
 // The golden script's tiny model as an HF folder; `edit` may alter a tensor.
 void write_model(const std::filesystem::path& dir, const std::string& config,
-                 void (*edit)(OwnedTensor&) = nullptr) {
+                 void (*edit)(OwnedTensor&) = nullptr, const SafetensorsFile& g = golden()) {
   std::vector<OwnedTensor> ts;
-  for (const TensorInfo& t : golden().tensors()) {
+  for (const TensorInfo& t : g.tensors()) {
     if (t.name.rfind("model.", 0) != 0 && t.name != "lm_head.weight") continue;
-    const auto bytes = golden().data(t);
+    const auto bytes = g.data(t);
     ts.push_back({t.name, t.dtype, t.shape, std::vector<uint8_t>(bytes.begin(), bytes.end())});
     if (edit) edit(ts.back());
   }
@@ -44,8 +49,8 @@ void write_model(const std::filesystem::path& dir, const std::string& config,
   testing::write_bytes(dir / "config.json", config);
 }
 
-std::vector<int32_t> ints(const std::string& name) {
-  const auto b = golden().data(*golden().find(name));
+std::vector<int32_t> ints(const std::string& name, const SafetensorsFile& g = golden()) {
+  const auto b = g.data(*g.find(name));
   std::vector<int32_t> v(b.size() / 4);
   std::memcpy(v.data(), b.data(), b.size());
   return v;
@@ -57,10 +62,16 @@ std::vector<int32_t> ints(const std::string& name) {
 // difference has an absolute error up to k u |L| / h ~ 2e-3 (u = 2^-24).
 // Truncation: h^2/6 |L'''| ~ 2e-5 |L'''|; allowed as 2e-2 relative.
 // The entries with the largest gradients are checked, so the signal is far
-// above that floor.
-TEST(ModelGrad, LoraGradientsMatchFiniteDifferences) {
+// above that floor. Three models: llama (GQA, llama3 rope scaling), qwen3 with
+// one full and one sliding-window layer (per-head q/k norms, head_dim !=
+// hidden/heads), mistral with a window on every layer (tests/reference/
+// make_model_golden*.py).
+class ModelGrad : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ModelGrad, LoraGradientsMatchFiniteDifferences) {
+  const SafetensorsFile& gf = golden_file(GetParam());
   testing::ScratchDir dir;
-  write_model(dir.path(), golden().metadata().at("config"));
+  write_model(dir.path(), gf.metadata().at("config"), nullptr, gf);
   const LlamaWeights w = load_llama_weights(dir.path());  // NF4 + double quant
   LoraConfig lc;
   lc.rank = 4;
@@ -69,10 +80,11 @@ TEST(ModelGrad, LoraGradientsMatchFiniteDifferences) {
   for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
     for (int t = 0; t < kNumLoraTargets; ++t)
       for (bool a : {true, false}) {
-        const auto b = golden().data(*golden().find(lora.peft_name(l, LoraTarget(t), a)));
+        const auto b = gf.data(*gf.find(lora.peft_name(l, LoraTarget(t), a)));
         std::memcpy(a ? lora.A(l, LoraTarget(t)) : lora.B(l, LoraTarget(t)), b.data(), b.size());
       }
-  const auto tokens = ints("input.tokens"), targets = ints("input.targets"), positions = ints("input.positions");
+  const auto tokens = ints("input.tokens", gf), targets = ints("input.targets", gf),
+             positions = ints("input.positions", gf);
   const LlamaBatch batch{tokens.data(), targets.data(), positions.data(), 2, int64_t(tokens.size()) / 2};
   LlamaModel model(w, &lora, batch.B, batch.T);
   const double L0 = model.forward(batch);
@@ -100,6 +112,14 @@ TEST(ModelGrad, LoraGradientsMatchFiniteDifferences) {
       }
   EXPECT_EQ(checked, 28);
 }
+INSTANTIATE_TEST_SUITE_P(Golden, ModelGrad,
+                         ::testing::Values("model_golden.safetensors", "model_golden_qwen3_window.safetensors",
+                                           "model_golden_mistral_window.safetensors"),
+                         [](const ::testing::TestParamInfo<const char*>& i) {
+                           std::string n = i.param;
+                           n = n.substr(0, n.find('.'));
+                           return n;
+                         });
 
 TEST(ModelBadInput, ShapesDisagreeingWithConfigNameTheTensor) {
   testing::ScratchDir dir;

@@ -27,6 +27,7 @@
 
 #include "testing.h"
 #include "kernels/ops.h"
+#include "model/llama.h"
 #include "quant/blockwise.h"
 
 namespace qlora {
@@ -96,7 +97,8 @@ std::string case_name(const ::testing::TestParamInfo<OpCase>& info) { return inf
 // ---- RMSNorm ----
 std::vector<OpCase> rmsnorm_cases() {
   std::vector<OpCase> out;
-  for (auto [N, C] : {std::pair<int64_t, int64_t>{1, 8}, {3, 16}, {4, 64}}) {
+  // {12, 16}: qwen3's q/k norm, which is this op on (N*H, D) rows (3 tokens x 4 heads of 16).
+  for (auto [N, C] : {std::pair<int64_t, int64_t>{1, 8}, {3, 16}, {4, 64}, {12, 16}}) {
     out.push_back({"N" + std::to_string(N) + "_C" + std::to_string(C), [N, C] {
                      auto weight = std::make_shared<Vec>(randn(C, 5));
                      Problem p;
@@ -261,16 +263,20 @@ std::vector<OpCase> attention_cases() {
   struct S {
     int64_t B, T, H, KVH, D;
     bool packed;
+    int64_t window;  // sliding window (0: none), applied as the model does (window_starts)
   };
-  for (S s : {S{1, 4, 2, 2, 4, false}, S{2, 6, 4, 2, 8, true}, S{1, 7, 6, 1, 4, true}}) {
+  for (S s : {S{1, 4, 2, 2, 4, false, 0}, S{2, 6, 4, 2, 8, true, 0}, S{1, 7, 6, 1, 4, true, 0},
+              S{1, 9, 2, 1, 4, false, 3}, S{2, 12, 4, 2, 8, true, 4}}) {
     out.push_back({"B" + std::to_string(s.B) + "_T" + std::to_string(s.T) + "_H" + std::to_string(s.H) + "_KVH" +
-                       std::to_string(s.KVH) + "_D" + std::to_string(s.D) + (s.packed ? "_packed" : ""),
+                       std::to_string(s.KVH) + "_D" + std::to_string(s.D) + (s.packed ? "_packed" : "") +
+                       (s.window ? "_window" + std::to_string(s.window) : ""),
                    [s] {
                      // Packed rows: a second document starts at T/2 (its tokens see only it).
                      auto doc = std::make_shared<std::vector<int32_t>>();
                      for (int64_t b = 0; b < s.B; ++b)
                        for (int64_t t = 0; t < s.T; ++t)
                          doc->push_back(int32_t(s.packed && t >= s.T / 2 ? s.T / 2 : 0));
+                     if (s.window > 0) window_starts(doc->data(), doc->data(), s.B, s.T, s.window);
                      const int64_t nq = s.B * s.T * s.H * s.D, nk = s.B * s.T * s.KVH * s.D;
                      Problem p;
                      p.inputs = {randn(nq, 1), randn(nk, 2), randn(nk, 3)};

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <tuple>
@@ -14,6 +15,7 @@
 #include "testing.h"
 #include "core/error.h"
 #include "kernels/ops.h"
+#include "model/llama.h"
 #include "quant/blockwise.h"
 
 namespace qlora {
@@ -214,6 +216,31 @@ TEST(OpsForward, CachedAttentionEqualsCausalAttention) {
     ops::attention_cached_forward(cached.data() + t * H * D, q.data() + t * H * D, k.data(), v.data(), t, 1, H, KVH,
                                   D);
   for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(cached[i], out[i], 1e-6) << i;
+}
+
+// A sliding-window layer at generation: the cache attended from p - window + 1
+// on, as the training op with window_starts.
+TEST(OpsForward, CachedAttentionWithWindowEqualsWindowedAttention) {
+  const int64_t T = 11, H = 4, KVH = 2, D = 8, W = 3;
+  const Vec q = randn(T * H * D, 1), k = randn(T * KVH * D, 2), v = randn(T * KVH * D, 3);
+  std::vector<int32_t> doc(T, 0);
+  window_starts(doc.data(), doc.data(), 1, T, W);
+  EXPECT_EQ(doc[10], 8);
+  Vec out(q.size()), lse(H * T), full(q.size());
+  ops::attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), doc.data(), 1, T, H, KVH, D);
+  const std::vector<int32_t> zero(T, 0);
+  ops::attention_forward(full.data(), lse.data(), q.data(), k.data(), v.data(), zero.data(), 1, T, H, KVH, D);
+  Vec cached(q.size());
+  ops::attention_cached_forward(cached.data(), q.data(), k.data(), v.data(), 0, 6, H, KVH, D, W);
+  for (int64_t t = 6; t < T; ++t)
+    ops::attention_cached_forward(cached.data() + t * H * D, q.data() + t * H * D, k.data(), v.data(), t, 1, H, KVH,
+                                  D, W);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(cached[i], out[i], 1e-6) << i;
+  // The first W tokens see their whole past either way; later ones do not.
+  for (int64_t i = 0; i < W * H * D; ++i) EXPECT_EQ(out[size_t(i)], full[size_t(i)]);
+  double diff = 0;
+  for (size_t i = size_t(W * H * D); i < out.size(); ++i) diff = std::max(diff, double(std::abs(out[i] - full[i])));
+  EXPECT_GT(diff, 1e-3);
 }
 
 TEST(OpsForward, DocumentMaskHidesOtherDocuments) {

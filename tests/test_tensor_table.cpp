@@ -56,6 +56,32 @@ std::vector<PresentTensor> as_present(const std::vector<TensorSlot>& slots) {
   return out;
 }
 
+// Qwen3: q_norm/k_norm [D] in every block; with attention_bias (false in the
+// published models) biases on all four projections, as Qwen3Attention builds them.
+TEST(TensorTable, Qwen3HasQkNormsAndLlamaStyleBiases) {
+  ModelConfig c = qwen25_05b();
+  c.arch = Arch::Qwen3;
+  c.model_type = "qwen3";
+  c.qk_norm = true;
+  c.head_dim = 128;  // 14 heads x 128 = 1792 != hidden 896
+  c.attention_bias = false;
+  auto m = by_name(expected_tensors(c));
+  EXPECT_EQ(m.size(), 1u + 1u + 11u * 24u);  // embed, final norm; per block 7 linears, 2 norms, q/k norms
+  EXPECT_EQ(m.at("model.layers.3.self_attn.q_norm.weight").shape, Shape{128});
+  EXPECT_EQ(m.at("model.layers.3.self_attn.k_norm.weight").kind, TensorKind::KNorm);
+  EXPECT_EQ(m.at("model.layers.0.self_attn.q_proj.weight").shape, (Shape{1792, 896}));
+  EXPECT_EQ(m.at("model.layers.0.self_attn.o_proj.weight").shape, (Shape{896, 1792}));
+  EXPECT_EQ(m.count("model.layers.0.self_attn.q_proj.bias"), 0u);
+  c.attention_bias = true;
+  m = by_name(expected_tensors(c));
+  EXPECT_EQ(m.count("model.layers.0.self_attn.q_proj.bias"), 1u);
+  EXPECT_EQ(m.count("model.layers.0.self_attn.o_proj.bias"), 1u);
+  // Qwen2 never has the o bias, and no q/k norms.
+  m = by_name(expected_tensors(qwen25_05b()));
+  EXPECT_EQ(m.count("model.layers.0.self_attn.o_proj.bias"), 0u);
+  EXPECT_EQ(m.count("model.layers.0.self_attn.q_norm.weight"), 0u);
+}
+
 TEST(TensorTable, Llama2_7bHas291Tensors) {
   const auto slots = expected_tensors(llama2_7b());
   ASSERT_EQ(slots.size(), 3u + 9u * 32u);

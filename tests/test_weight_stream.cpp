@@ -95,6 +95,12 @@ Recorded arena_view(const LlamaWeights& w, const TensorSlot& s) {
     case TensorKind::MlpNorm:
       dense = L->mlp_norm;
       break;
+    case TensorKind::QNorm:
+      dense = L->q_norm;
+      break;
+    case TensorKind::KNorm:
+      dense = L->k_norm;
+      break;
     case TensorKind::Q:
       lw = &L->q;
       break;

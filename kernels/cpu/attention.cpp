@@ -102,15 +102,16 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 }
 
 void attention_cached_forward(float* out, const float* q, const float* kcache, const float* vcache, int64_t past,
-                              int64_t T, int64_t H, int64_t KVH, int64_t D) {
+                              int64_t T, int64_t H, int64_t KVH, int64_t D, int64_t window) {
   const int64_t group = H / KVH;
   const float scale = 1.0f / std::sqrt(float(D));
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
       const int64_t kvh = h / group;
-      attend(out + (t * H + h) * D, q + (t * H + h) * D, kcache + kvh * D, vcache + kvh * D, 0, past + t, KVH * D,
-             D, scale);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, past + t - window + 1) : 0;
+      attend(out + (t * H + h) * D, q + (t * H + h) * D, kcache + kvh * D, vcache + kvh * D, first, past + t,
+             KVH * D, D, scale);
     }
 }
 

@@ -46,6 +46,7 @@ constexpr NameEntry kNames[] = {
     {"mistral-nemo", Kind::mistral_nemo},
     {"chatml", Kind::chatml},
     {"qwen2.5", Kind::qwen25},
+    {"qwen3", Kind::qwen3},
     {"smollm2", Kind::smollm2},
     {"alpaca", Kind::alpaca},
     {"none", Kind::none},
@@ -55,8 +56,9 @@ constexpr NameEntry kNames[] = {
     {"smollm", Kind::chatml},
     {"qwen", Kind::qwen25},
     {"qwen2", Kind::qwen25},
+    {"qwen3-nothink", Kind::qwen3},  // named() sets enable_thinking = false
 };
-constexpr size_t kCanonicalNames = 11;
+constexpr size_t kCanonicalNames = 12;
 
 std::string joined_names() {
   std::string s;
@@ -267,6 +269,77 @@ void render_chatml(const Conversation& c, const char* default_system, Out& out) 
   }
 }
 
+// ---- Qwen3 ------------------------------------------------------------------
+// Qwen3's template (tokenizer_config.json of the Qwen/Qwen3-* models, no tools):
+// ChatML without a default system message, and think blocks:
+//   system (first only)  "<|im_start|>system\n{content}<|im_end|>\n"
+//   user                 "<|im_start|>user\n{content}<|im_end|>\n"
+//   assistant            "<|im_start|>assistant\n{body}<|im_end|>\n"
+// An assistant content holding "</think>" is split as the template does:
+// reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n'),
+// content = content.split('</think>')[-1].lstrip('\n'). Replies before the
+// last user message keep only the content (past reasoning is dropped); after
+// it, the last message and any reply with reasoning render
+//   body = "<think>\n" + reasoning.strip('\n') + "\n</think>\n\n" + content.lstrip('\n')
+// (so a plain final reply gets the empty block "<think>\n\n</think>\n\n"),
+// others just the content. A system message after the first renders as a turn.
+// Trained: the reply and <|im_end|>, and the think block when it holds
+// reasoning; an empty think block is not trained (it is what the generation
+// prompt supplies with enable_thinking false, so the model never learns to
+// emit one).
+std::string strip_chars(std::string_view s, bool left, bool right) {
+  size_t b = 0, e = s.size();
+  if (left)
+    while (b < e && s[b] == '\n') ++b;
+  if (right)
+    while (e > b && s[e - 1] == '\n') --e;
+  return std::string(s.substr(b, e - b));
+}
+
+void render_qwen3(const Conversation& c, Out& out) {
+  size_t last_query = c.size() - 1;  // the template's ns.last_query_index
+  for (size_t i = c.size(); i-- > 0;)
+    if (c[i].role == Role::user) {
+      last_query = i;
+      break;
+    }
+  for (size_t i = 0; i < c.size(); ++i) {
+    const Message& m = c[i];
+    if (m.role == Role::system && i == 0) {
+      out.special("<|im_start|>", false);
+      out.text("system\n" + m.content, false);
+      out.special("<|im_end|>", false);
+      out.text("\n", false);
+      continue;
+    }
+    if (m.role != Role::assistant) {
+      out.special("<|im_start|>", false);
+      out.text(std::string(role_name(m.role)) + "\n" + m.user_text(), false);
+      out.special("<|im_end|>", false);
+      out.text("\n", false);
+      continue;
+    }
+    std::string content = m.content, reasoning;
+    constexpr std::string_view kClose = "</think>", kOpen = "<think>";
+    if (const size_t first_close = content.find(kClose); first_close != std::string::npos) {
+      std::string before = strip_chars(std::string_view(content).substr(0, first_close), false, true);
+      if (const size_t open = before.rfind(kOpen); open != std::string::npos) before = before.substr(open + kOpen.size());
+      reasoning = strip_chars(before, true, false);
+      content = strip_chars(std::string_view(content).substr(content.rfind(kClose) + kClose.size()), true, false);
+    }
+    out.special("<|im_start|>", false);
+    out.text("assistant\n", false);
+    if (i > last_query && (i + 1 == c.size() || !reasoning.empty())) {
+      const std::string r = strip_chars(reasoning, true, true);
+      out.text("<think>\n" + r + "\n</think>\n\n", !r.empty());
+      content = strip_chars(content, true, false);
+    }
+    out.text(content, true);
+    out.special("<|im_end|>", true);
+    out.text("\n", false);
+  }
+}
+
 // ---- Alpaca -----------------------------------------------------------------
 // Stanford Alpaca's training prompt (tatsu-lab/stanford_alpaca train.py
 // PROMPT_DICT) as it appears in the "text" field of the tatsu-lab/alpaca data
@@ -341,6 +414,7 @@ std::string ChatTemplate::name_of(Kind k) {
 }
 
 ChatTemplate ChatTemplate::named(std::string_view name, TemplateOptions options) {
+  if (name == "qwen3-nothink") options.enable_thinking = false;
   for (const auto& e : kNames)
     if (name == e.name) return ChatTemplate(e.kind, std::move(options));
   fail("unknown chat template '", name, "'; supported: auto, ", joined_names());
@@ -352,7 +426,8 @@ std::optional<ChatTemplate::Kind> ChatTemplate::detect(std::string_view j) {
   if (contains(j, "<|start_header_id|>") && contains(j, "<|eot_id|>"))
     return contains(j, "Cutting Knowledge Date") ? Kind::llama31 : Kind::llama3;
   if (contains(j, "<|im_start|>") && contains(j, "<|im_end|>"))
-    return contains(j, "You are Qwen")   ? Kind::qwen25
+    return contains(j, "<think>") && contains(j, "last_query_index") ? Kind::qwen3
+           : contains(j, "You are Qwen")                              ? Kind::qwen25
            : contains(j, "named SmolLM") ? Kind::smollm2
                                          : Kind::chatml;
   if (contains(j, "[INST]")) {
@@ -374,7 +449,7 @@ ChatTemplate ChatTemplate::resolve(std::string_view name, const std::optional<st
   if (auto k = detect(*jinja)) return ChatTemplate(*k, std::move(options));
   fail(
       "chat_template: auto: the tokenizer's chat_template is not one we support (we recognize Llama 3/3.1+, "
-      "Llama 2, Mistral v1/v3/Nemo, ChatML/Qwen2.5/SmolLM2); name one of: ",
+      "Llama 2, Mistral v1/v3/Nemo, ChatML/Qwen2.5/Qwen3/SmolLM2); name one of: ",
       joined_names());
 }
 
@@ -419,6 +494,9 @@ std::vector<Segment> ChatTemplate::render(const Conversation& c, bool add_genera
     case Kind::smollm2:
       render_chatml(c, kSmolLM2System, out);
       break;
+    case Kind::qwen3:
+      render_qwen3(c, out);
+      break;
     case Kind::alpaca:
       render_alpaca(c, options_, out);
       break;
@@ -440,6 +518,11 @@ std::vector<Segment> ChatTemplate::render(const Conversation& c, bool add_genera
       case Kind::smollm2:
         out.special("<|im_start|>", false);
         out.text("assistant\n", false);
+        break;
+      case Kind::qwen3:
+        out.special("<|im_start|>", false);
+        out.text("assistant\n", false);
+        if (!options_.enable_thinking) out.text("<think>\n\n</think>\n\n", false);
         break;
       default:
         break;  // the [INST] families end a user turn with [/INST]; alpaca and none have no turn markers

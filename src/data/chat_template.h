@@ -53,6 +53,11 @@ struct TemplateOptions {
   // family, so the EOS must come from the tokenizer (template_for_tokenizer in
   // tokenize_sample.h fills it in).
   std::string eos_token;
+  // qwen3: Jinja's enable_thinking. false renders an empty think block
+  // "<think>\n\n</think>\n\n" after the generation prompt; true (the
+  // template's default, enable_thinking undefined) renders none. The name
+  // "qwen3-nothink" sets it false.
+  bool enable_thinking = true;
 };
 
 class ChatTemplate {
@@ -66,14 +71,16 @@ class ChatTemplate {
     mistral_nemo,
     chatml,
     qwen25,
+    qwen3,
     smollm2,
     alpaca,
     none
   };
 
   // By name (see names()); aliases: llama3.2/llama3.3 -> llama3.1,
-  // mistral -> mistral-v1, smollm -> chatml, qwen/qwen2 -> qwen2.5. Unknown
-  // name -> Error listing the names.
+  // mistral -> mistral-v1, smollm -> chatml, qwen/qwen2 -> qwen2.5,
+  // qwen3-nothink -> qwen3 with enable_thinking false. Unknown name -> Error
+  // listing the names.
   static ChatTemplate named(std::string_view name, TemplateOptions options = {});
   // Recognizes a tokenizer_config.json chat_template (Jinja source) by robust
   // markers; nullopt when it is none of ours.
@@ -99,7 +106,8 @@ class ChatTemplate {
   // leading system message) or that is empty.
   // add_generation_prompt: then what the template puts before the model's next
   // reply, as Jinja's add_generation_prompt=True (the assistant header of
-  // Llama 3 and ChatML; nothing for the [INST] families, alpaca and none).
+  // Llama 3 and ChatML, plus Qwen3's empty think block when enable_thinking is
+  // false; nothing for the [INST] families, alpaca and none).
   std::vector<Segment> render(const Conversation& conversation, bool add_generation_prompt = false) const;
   // Concatenated text of render(): what the Jinja template returns (with
   // add_generation_prompt=false).

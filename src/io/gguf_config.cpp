@@ -82,8 +82,8 @@ json llama3_scaling_from_rope_freqs(const GgufFile& f, const GgufTensorInfo& t, 
 json gguf_config_json(const GgufFile& f) {
   const std::string file = f.path().string();
   const std::string arch = f.get_string("general.architecture");
-  if (arch != "llama" && arch != "qwen2")
-    fail(file, ": general.architecture \"", arch, "\" is not supported (supported: llama, qwen2)");
+  if (arch != "llama" && arch != "qwen2" && arch != "qwen3")
+    fail(file, ": general.architecture \"", arch, "\" is not supported (supported: llama, qwen2, qwen3)");
   const std::string p = arch + ".";
   auto opt_int = [&](const std::string& key) -> std::optional<int64_t> {
     if (!f.find(key)) return std::nullopt;
@@ -91,7 +91,9 @@ json gguf_config_json(const GgufFile& f) {
   };
 
   json c;
-  c["architectures"] = json::array({arch == "qwen2" ? "Qwen2ForCausalLM" : "LlamaForCausalLM"});
+  c["architectures"] = json::array({arch == "qwen2"   ? "Qwen2ForCausalLM"
+                                    : arch == "qwen3" ? "Qwen3ForCausalLM"
+                                                      : "LlamaForCausalLM"});
   c["model_type"] = arch;
   c["hidden_size"] = f.get_int(p + "embedding_length");
   c["intermediate_size"] = f.get_int(p + "feed_forward_length");
@@ -142,7 +144,8 @@ json gguf_config_json(const GgufFile& f) {
     c["attention_bias"] = f.find_tensor("blk.0.attn_q.bias") != nullptr;
     c["mlp_bias"] = f.find_tensor("blk.0.ffn_gate.bias") != nullptr;
   }
-  if (arch == "qwen2") c["use_sliding_window"] = false;
+  if (arch == "qwen2" || arch == "qwen3") c["use_sliding_window"] = false;
+  if (arch == "qwen3") c["attention_bias"] = f.find_tensor("blk.0.attn_q.bias") != nullptr;
 
   c["bos_token_id"] = nullptr;
   c["eos_token_id"] = nullptr;

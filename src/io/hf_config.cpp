@@ -1,12 +1,13 @@
 // config.json -> ModelConfig.
 //
 // Defaults follow the transformers configuration classes (LlamaConfig,
-// MistralConfig, Qwen2Config) so that a config.json that omits a key means the
+// MistralConfig, Qwen2Config, Qwen3Config) so that a config.json that omits a key means the
 // same thing here as it does to transformers. JSON null is treated as "absent"
 // for every optional key, as the Python constructors do (`x=None` -> default),
 // except the token ids, where null means "no such token".
 #include "io/hf_config.h"
 
+#include <algorithm>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -27,6 +28,8 @@ std::string_view arch_name(Arch a) {
       return "mistral";
     case Arch::Qwen2:
       return "qwen2";
+    case Arch::Qwen3:
+      return "qwen3";
   }
   return "?";
 }
@@ -158,7 +161,7 @@ class Keys {
   std::string prefix_;
 };
 
-constexpr std::string_view kSupportedArchs = "llama, mistral, qwen2";
+constexpr std::string_view kSupportedArchs = "llama, mistral, qwen2, qwen3";
 
 Arch parse_arch(const json& j, std::string_view source) {
   auto it = j.find("model_type");
@@ -169,6 +172,7 @@ Arch parse_arch(const json& j, std::string_view source) {
   if (mt == "llama") return Arch::Llama;
   if (mt == "mistral") return Arch::Mistral;
   if (mt == "qwen2") return Arch::Qwen2;
+  if (mt == "qwen3") return Arch::Qwen3;
   fail(source, ": model_type \"", mt, "\" is not supported (supported: ", kSupportedArchs, ")");
 }
 
@@ -246,6 +250,41 @@ std::optional<BnbQuantConfig> parse_quantization(const json& q, std::string_view
   return out;
 }
 
+// Qwen2Config / Qwen3Config: configs always carry a sliding_window value; it
+// applies only when use_sliding_window is set, and then only to the layers
+// layer_types marks "sliding_attention" (default: index >= max_window_layers).
+// `window` is config.json's sliding_window (null: none; absent: 4096).
+void qwen_sliding_window(ModelConfig& c, const Keys& k, std::optional<int64_t> window) {
+  if (!k.opt_bool("use_sliding_window", false) || !window) return;
+  c.sliding_window = window;
+  const int64_t L = c.num_hidden_layers;
+  c.sliding_layers.assign(size_t(L), false);
+  if (const json* types = k.find("layer_types")) {
+    constexpr std::string_view kWhat = "a list of \"full_attention\" / \"sliding_attention\", one per layer";
+    if (!types->is_array() || int64_t(types->size()) != L) k.wrong("layer_types", kWhat, *types);
+    for (int64_t l = 0; l < L; ++l) {
+      const json& t = (*types)[size_t(l)];
+      if (t == "sliding_attention")
+        c.sliding_layers[size_t(l)] = true;
+      else if (t != "full_attention")
+        k.wrong("layer_types", kWhat, *types);
+    }
+  } else {
+    // max_window_layers may be 0 (every layer slides); the class default is 28.
+    int64_t first = 28;
+    if (const json* m = k.find("max_window_layers")) {
+      if (!m->is_number_integer() || m->get<int64_t>() < 0) k.wrong("max_window_layers", "an integer >= 0", *m);
+      first = m->get<int64_t>();
+    }
+    for (int64_t l = first; l < L; ++l) c.sliding_layers[size_t(l)] = true;
+  }
+  if (std::find(c.sliding_layers.begin(), c.sliding_layers.end(), true) == c.sliding_layers.end()) {
+    // No layer slides: full attention everywhere, as transformers computes it.
+    c.sliding_window.reset();
+    c.sliding_layers.clear();
+  }
+}
+
 }  // namespace
 
 ModelConfig parse_model_config(const json& j, std::string_view source) {
@@ -276,10 +315,10 @@ ModelConfig parse_model_config(const json& j, std::string_view source) {
     fail(source, ": num_attention_heads (", c.num_attention_heads,
          ") is not divisible by num_key_value_heads (", c.num_key_value_heads, "): GQA groups must be whole");
 
-  // transformers defaults: LlamaConfig 2048, MistralConfig 4096 * 32, Qwen2Config 32768.
+  // transformers defaults: LlamaConfig 2048, MistralConfig 4096 * 32, Qwen2Config and Qwen3Config 32768.
   int64_t default_max_pos = 2048;
   if (c.arch == Arch::Mistral) default_max_pos = 4096 * 32;
-  if (c.arch == Arch::Qwen2) default_max_pos = 32768;
+  if (c.arch == Arch::Qwen2 || c.arch == Arch::Qwen3) default_max_pos = 32768;
   c.max_position_embeddings = k.opt_positive_int("max_position_embeddings", default_max_pos);
   c.rms_norm_eps = k.opt_positive_number("rms_norm_eps", 1e-6);
 
@@ -317,9 +356,14 @@ ModelConfig parse_model_config(const json& j, std::string_view source) {
     case Arch::Qwen2:
       // Qwen2Attention always has q/k/v biases (o_proj none), whatever the config says.
       c.attention_bias = true;
-      // Qwen2 configs always carry a sliding_window value; it applies only when
-      // use_sliding_window is set.
-      if (k.opt_bool("use_sliding_window", false)) c.sliding_window = window(4096);
+      qwen_sliding_window(c, k, window(4096));
+      break;
+    case Arch::Qwen3:
+      // Qwen3Attention: biases on all four projections when attention_bias
+      // (false in every published Qwen3), q_norm/k_norm always.
+      c.attention_bias = k.opt_bool("attention_bias", false);
+      c.qk_norm = true;
+      qwen_sliding_window(c, k, window(4096));
       break;
   }
 
@@ -328,7 +372,7 @@ ModelConfig parse_model_config(const json& j, std::string_view source) {
   c.torch_dtype = k.opt_string("torch_dtype", k.opt_string("dtype", "float32"));
 
   // PretrainedConfig leaves the ids unset; Llama/Mistral configs default to 1 and 2.
-  const bool sp_defaults = c.arch != Arch::Qwen2;
+  const bool sp_defaults = c.arch != Arch::Qwen2 && c.arch != Arch::Qwen3;
   c.bos_token_ids =
       k.opt_token_ids("bos_token_id", sp_defaults ? std::vector<int64_t>{1} : std::vector<int64_t>{});
   c.eos_token_ids =

@@ -1,5 +1,5 @@
 // Hugging Face config.json -> a typed model configuration for the Llama family
-// (llama, mistral, qwen2). Every field a later stage needs is resolved here,
+// (llama, mistral, qwen2, qwen3). Every field a later stage needs is resolved here,
 // with the defaults transformers applies when a key is absent.
 #pragma once
 
@@ -13,8 +13,8 @@
 
 namespace qlora {
 
-enum class Arch { Llama, Mistral, Qwen2 };
-std::string_view arch_name(Arch a);  // "llama", "mistral", "qwen2"
+enum class Arch { Llama, Mistral, Qwen2, Qwen3 };
+std::string_view arch_name(Arch a);  // "llama", "mistral", "qwen2", "qwen3"
 
 enum class RopeScalingType { None, Linear, Llama3 };
 std::string_view rope_scaling_name(RopeScalingType t);  // "none", "linear", "llama3"
@@ -54,13 +54,29 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // qwen2: always true (q, k, v biases)
   bool mlp_bias = false;
-  std::optional<int64_t> sliding_window;  // mistral / qwen2 when enabled
+  // qwen3: RMSNorm of each query and key head (weight (D), eps rms_norm_eps)
+  // after the q/k projections, before RoPE.
+  bool qk_norm = false;
+  // Sliding-window attention: a query at t sees the keys s of its document
+  // with t - s < sliding_window (its own included; transformers'
+  // sliding_window_overlay). Mistral: every layer. Qwen2/Qwen3 only with
+  // use_sliding_window, in the layers config.json's layer_types marks
+  // "sliding_attention" (by default those with index >= max_window_layers);
+  // a config in which no layer slides has no window here.
+  std::optional<int64_t> sliding_window;
+  std::vector<bool> sliding_layers;  // per layer; empty: every layer slides (when sliding_window is set)
   std::string torch_dtype = "bfloat16";
   std::vector<int64_t> bos_token_ids;
   std::vector<int64_t> eos_token_ids;
   std::optional<BnbQuantConfig> quantization;  // present for bnb 4-bit checkpoints
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
+  // The window of layer l's attention, 0 for full causal attention.
+  int64_t attention_window(int64_t layer) const {
+    if (!sliding_window) return 0;
+    if (!sliding_layers.empty() && !sliding_layers.at(size_t(layer))) return 0;
+    return *sliding_window;
+  }
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
 };
 

@@ -208,7 +208,8 @@ void write_builtin_model(std::string_view name, const fs::path& dest) {
   for (const TensorSlot& slot : expected_tensors(cfg)) {
     const auto n = size_t(shape_numel(slot.shape));
     const bool is_norm = slot.kind == TensorKind::AttnNorm || slot.kind == TensorKind::MlpNorm ||
-                         slot.kind == TensorKind::FinalNorm;
+                         slot.kind == TensorKind::FinalNorm || slot.kind == TensorKind::QNorm ||
+                         slot.kind == TensorKind::KNorm;
     const double sigma = slot.kind == TensorKind::LmHead ? 0.1 : 0.02;
     std::vector<float> v(n);
     for (auto& x : v) x = is_norm ? 1.0f : float(sigma * rng.normal());

@@ -20,6 +20,10 @@ std::string gguf_module_name(TensorKind kind, int64_t layer) {
       return blk + "attn_norm";
     case TensorKind::MlpNorm:
       return blk + "ffn_norm";
+    case TensorKind::QNorm:
+      return blk + "attn_q_norm";
+    case TensorKind::KNorm:
+      return blk + "attn_k_norm";
     case TensorKind::Q:
     case TensorKind::QBias:
       return blk + "attn_q";

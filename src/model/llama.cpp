@@ -60,6 +60,10 @@ void LlamaActivationViews::layout(Arena& a, const ModelConfig& cfg, const LoraCo
     s.q = f(N * QD, "q");
     s.k = f(N * KVD, "k");
     s.v = f(N * KVD, "v");
+    s.qraw = cfg.qk_norm ? f(N * QD, "q before norm") : nullptr;
+    s.kraw = cfg.qk_norm ? f(N * KVD, "k before norm") : nullptr;
+    s.rstdq = cfg.qk_norm ? f(N * H, "q norm rstd") : nullptr;
+    s.rstdk = cfg.qk_norm ? f(N * cfg.num_key_value_heads, "k norm rstd") : nullptr;
     s.att = f(N * QD, "att");
     s.lse = f(N * H, "lse");
     s.xmid = f(N * C, "xmid");
@@ -85,6 +89,7 @@ void LlamaActivationViews::layout(Arena& a, const ModelConfig& cfg, const LoraCo
   sin_ = f(max_T * cfg.head_dim / 2, "rope sin");
   pos_ = a.take<int32_t>(size_t(N), "positions");
   doc_start_ = a.take<int32_t>(size_t(N), "doc_start");
+  win_start_ = cfg.sliding_window ? a.take<int32_t>(size_t(N), "window starts") : nullptr;
   dres_ = f(N * C, "dres");
   dtmp_ = f(N * C, "dtmp");
   dln_ = f(N * C, "dln");
@@ -98,6 +103,15 @@ void LlamaActivationViews::layout(Arena& a, const ModelConfig& cfg, const LoraCo
   dact_ = f(N * I, "dact");
   dh_ = f(N * std::max<int64_t>(R, 1), "dh");
   dxd_ = f(N * wide, "dxd");
+}
+
+void window_starts(int32_t* start, const int32_t* doc_start, int64_t B, int64_t T, int64_t window) {
+  if (window < 1) fail("window_starts: window ", window, " must be at least 1");
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = r * T + t;
+      start[i] = int32_t(std::max<int64_t>(doc_start[i], t - window + 1));
+    }
 }
 
 void batch_positions(const LlamaBatch& b, int32_t* pos, int32_t* doc_start) {
@@ -122,6 +136,7 @@ void LlamaModel::prepare(const LlamaBatch& b) {
   T_ = b.T;
   N_ = b.B * b.T;
   batch_positions(b, pos_, doc_start_);
+  if (cfg_.sliding_window) window_starts(win_start_, doc_start_, B_, T_, *cfg_.sliding_window);
 }
 
 uint64_t lora_dropout_seed(uint64_t lora_seed, uint64_t forward_count, int64_t l, LoraTarget t) {
@@ -179,12 +194,18 @@ void LlamaModel::layer_forward(int64_t l, const float* x, float* y, LayerActs& s
                 KVH = cfg_.num_key_value_heads, D = cfg_.head_dim;
   const float eps = float(cfg_.rms_norm_eps);
   ops::rmsnorm_forward(s.ln1, s.rstd1, x, W.attn_norm, N_, C, eps);
-  project(s.q, s.ln1, W.q, W.q_bias, l, LoraTarget::Q, s.h[int(LoraTarget::Q)]);
-  project(s.k, s.ln1, W.k, W.k_bias, l, LoraTarget::K, s.h[int(LoraTarget::K)]);
+  // qwen3: q and k are projected into qraw/kraw, then RMS-normed per head (a
+  // row of D values with a weight (D)) into q/k.
+  project(cfg_.qk_norm ? s.qraw : s.q, s.ln1, W.q, W.q_bias, l, LoraTarget::Q, s.h[int(LoraTarget::Q)]);
+  project(cfg_.qk_norm ? s.kraw : s.k, s.ln1, W.k, W.k_bias, l, LoraTarget::K, s.h[int(LoraTarget::K)]);
   project(s.v, s.ln1, W.v, W.v_bias, l, LoraTarget::V, s.h[int(LoraTarget::V)]);
+  if (cfg_.qk_norm) {
+    ops::rmsnorm_forward(s.q, s.rstdq, s.qraw, W.q_norm, N_ * H, D, eps);
+    ops::rmsnorm_forward(s.k, s.rstdk, s.kraw, W.k_norm, N_ * KVH, D, eps);
+  }
   ops::rope_forward(s.q, pos_, cos_, sin_, N_, H, D);
   ops::rope_forward(s.k, pos_, cos_, sin_, N_, KVH, D);
-  ops::attention_forward(s.att, s.lse, s.q, s.k, s.v, doc_start_, B_, T_, H, KVH, D);
+  ops::attention_forward(s.att, s.lse, s.q, s.k, s.v, starts_of(l), B_, T_, H, KVH, D);
   project(tmp_, s.att, W.o, W.o_bias, l, LoraTarget::O, s.h[int(LoraTarget::O)]);
   ops::residual_forward(s.xmid, x, tmp_, N_ * C);
   ops::rmsnorm_forward(s.ln2, s.rstd2, s.xmid, W.mlp_norm, N_, C, eps);
@@ -209,11 +230,23 @@ void LlamaModel::layer_backward(int64_t l, const float* x, LayerActs& s) {
   add_inplace(dres_, dtmp_, N_ * C);  // dres = dL/dxmid
   // attention: xmid = x + o(attn(rope(q(ln1)), rope(k(ln1)), v(ln1)))
   project_backward(datt_, false, dres_, s.att, W.o, l, LoraTarget::O, s.h[int(LoraTarget::O)]);
-  ops::attention_backward(dq_, dk_, dv_, datt_, s.att, s.lse, s.q, s.k, s.v, doc_start_, B_, T_, H, KVH, D);
+  ops::attention_backward(dq_, dk_, dv_, datt_, s.att, s.lse, s.q, s.k, s.v, starts_of(l), B_, T_, H, KVH, D);
   ops::rope_backward(dq_, pos_, cos_, sin_, N_, H, D);
   ops::rope_backward(dk_, pos_, cos_, sin_, N_, KVH, D);
-  project_backward(dln_, false, dq_, s.ln1, W.q, l, LoraTarget::Q, s.h[int(LoraTarget::Q)]);
-  project_backward(dln_, true, dk_, s.ln1, W.k, l, LoraTarget::K, s.h[int(LoraTarget::K)]);
+  // qk_norm: through the per-head norms into buffers free by now (datt_ after
+  // attention backward, dq_ after q's projection backward).
+  const float* dqraw = dq_;
+  if (cfg_.qk_norm) {
+    ops::rmsnorm_backward(datt_, dq_, s.qraw, W.q_norm, s.rstdq, N_ * H, D);
+    dqraw = datt_;
+  }
+  project_backward(dln_, false, dqraw, s.ln1, W.q, l, LoraTarget::Q, s.h[int(LoraTarget::Q)]);
+  const float* dkraw = dk_;
+  if (cfg_.qk_norm) {
+    ops::rmsnorm_backward(dq_, dk_, s.kraw, W.k_norm, s.rstdk, N_ * KVH, D);
+    dkraw = dq_;
+  }
+  project_backward(dln_, true, dkraw, s.ln1, W.k, l, LoraTarget::K, s.h[int(LoraTarget::K)]);
   project_backward(dln_, true, dv_, s.ln1, W.v, l, LoraTarget::V, s.h[int(LoraTarget::V)]);
   ops::rmsnorm_backward(dtmp_, dln_, x, W.attn_norm, s.rstd1, N_, C);
   add_inplace(dres_, dtmp_, N_ * C);

@@ -34,6 +34,13 @@ struct LlamaRunOptions {
   ops::CeChunking ce;
 };
 
+// The first key each query of a sliding-window layer sees: start (B*T) =
+// max(doc_start, t - window + 1), i.e. its document's keys s with t - s <
+// window (transformers' convention: the window counts the query itself).
+// The attention ops take it in place of doc_start (their mask is "start[t] <=
+// s <= t"), so one kernel serves both. window >= 1.
+void window_starts(int32_t* start, const int32_t* doc_start, int64_t B, int64_t T, int64_t window);
+
 // pos (B*T) and doc_start (B*T) of a batch (doc_start[i] = t - position: the
 // first token of i's document in its row); throws qlora::Error naming the row
 // and column of a position that does not start at 0 or count up by one.
@@ -53,6 +60,9 @@ struct LlamaActivationViews {
   // One layer's saved activations (all (N,...) with N = B*T).
   struct LayerActs {
     float *ln1, *rstd1, *q, *k, *v, *att, *lse, *xmid, *ln2, *rstd2, *gate, *up, *act;
+    // qk_norm (qwen3) only, else null: the projections before the per-head
+    // norm, (N,H*D) and (N,KVH*D), and the norm's rstd, (N*H) and (N*KVH).
+    float *qraw, *kraw, *rstdq, *rstdk;
     float* h[kNumLoraTargets];  // LoRA hidden (N,R) per target
   };
   // lora: null for the base model only.
@@ -63,6 +73,7 @@ struct LlamaActivationViews {
   std::vector<float*> resid_;          // L+1 layer inputs (N,C); resid_[L] is the last output
   float *lnf_, *rstdf_, *losses_, *lse_ce_, *ce_scratch_, *tmp_, *xd_, *inv_freq_, *cos_, *sin_;
   int32_t *pos_, *doc_start_;
+  int32_t* win_start_;  // (N): window_starts of the batch; null without a sliding window
   // backward scratch
   float *dres_, *dtmp_, *dln_, *dlin_, *dq_, *dk_, *dv_, *datt_, *dgate_, *dup_, *dact_, *dh_, *dxd_;
 };
@@ -108,6 +119,8 @@ class LlamaModel : public TrainableModel, private LlamaActivationViews {
   void project_backward(float* dinp, bool accumulate, const float* dout, const float* inp, const ops::LinearWeight& w,
                         int64_t l, LoraTarget t, const float* h);
   LayerActs& acts_of(int64_t l) { return opt_.checkpointing ? layer_acts_[0] : layer_acts_[size_t(l)]; }
+  // The attention mask of layer l: its first visible key per query.
+  const int32_t* starts_of(int64_t l) const { return cfg_.attention_window(l) > 0 ? win_start_ : doc_start_; }
   uint64_t dropout_seed(int64_t l, LoraTarget t) const;
 
   const LlamaWeights& w_;

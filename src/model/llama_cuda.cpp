@@ -100,6 +100,7 @@ class DeviceStore {
 
 struct Layer {
   const uint16_t *attn_norm = nullptr, *mlp_norm = nullptr;
+  const uint16_t *q_norm = nullptr, *k_norm = nullptr;  // (D) each; qwen3 only
   CudaLinearWeight lin[kNumLoraTargets];
   const uint16_t* bias[kNumLoraTargets] = {};
 };
@@ -108,6 +109,9 @@ struct Layer {
 struct Acts {
   uint16_t *ln1, *q, *k, *v, *att, *xmid, *ln2, *gate, *up, *act;
   float *rstd1, *lse, *rstd2;
+  // qk_norm (qwen3) only, else null: q and k before the per-head norm, its rstd.
+  uint16_t *qraw, *kraw;
+  float *rstdq, *rstdk;
   uint16_t* h[kNumLoraTargets];
 };
 
@@ -141,11 +145,11 @@ struct CudaLlamaModel::Impl {
   std::vector<uint16_t*> resid;    // L+1 layer inputs (N,C)
   uint16_t *lnf, *tmp, *xd, *out_scratch;
   float *rstdf, *losses, *lse_ce, *cos_t, *sin_t;
-  int32_t *tokens, *targets, *pos, *doc_start, *bad;
+  int32_t *tokens, *targets, *pos, *doc_start, *win_start, *bad;
   float* dres;
   uint16_t *dres_bf, *dtmp, *dln, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dh, *dxd;
 
-  std::vector<int32_t> h_pos, h_doc;
+  std::vector<int32_t> h_pos, h_doc, h_win;
   std::vector<float> h_losses;
   DeviceBuffer<float> logits;  // (V) fp32, allocated by the first last_logits
 
@@ -167,6 +171,10 @@ struct CudaLlamaModel::Impl {
       s.q = bf(Nn * QD);
       s.k = bf(Nn * KVD);
       s.v = bf(Nn * KVD);
+      s.qraw = cfg.qk_norm ? bf(Nn * QD) : nullptr;
+      s.kraw = cfg.qk_norm ? bf(Nn * KVD) : nullptr;
+      s.rstdq = cfg.qk_norm ? f(Nn * H) : nullptr;
+      s.rstdk = cfg.qk_norm ? f(Nn * cfg.num_key_value_heads) : nullptr;
       s.att = bf(Nn * QD);
       s.lse = f(Nn * H);
       s.xmid = bf(Nn * C);
@@ -192,6 +200,7 @@ struct CudaLlamaModel::Impl {
     targets = a.take<int32_t>(Nn);
     pos = a.take<int32_t>(Nn);
     doc_start = a.take<int32_t>(Nn);
+    win_start = cfg.sliding_window ? a.take<int32_t>(Nn) : nullptr;
     bad = a.take<int32_t>(2);
     dres = f(Nn * C);
     dres_bf = bf(Nn * C);
@@ -210,6 +219,8 @@ struct CudaLlamaModel::Impl {
 
   const CudaLinearWeight& lin(int64_t l, LoraTarget t) const { return layers[size_t(l)].lin[int(t)]; }
   bool adapted(int64_t l, LoraTarget t) const { return has_lora && adapters[size_t(l)][size_t(t)].off_a >= 0; }
+  // The attention mask of layer l: its first visible key per query (model/llama.h window_starts).
+  const int32_t* starts_of(int64_t l) const { return cfg.attention_window(l) > 0 ? win_start : doc_start; }
 
   // out (N,OUT) = inp W^T + bias + LoRA(inp)
   void project(uint16_t* out, const uint16_t* inp, int64_t l, LoraTarget t, uint16_t* h, bool training,
@@ -257,12 +268,17 @@ struct CudaLlamaModel::Impl {
     const float eps = float(cfg.rms_norm_eps);
     cudaStream_t st = ctx.stream();
     cuda_ops::rmsnorm_forward(s.ln1, s.rstd1, x, W.attn_norm, N, C, eps, st);
-    project(s.q, s.ln1, l, LoraTarget::Q, s.h[int(LoraTarget::Q)], training, step);
-    project(s.k, s.ln1, l, LoraTarget::K, s.h[int(LoraTarget::K)], training, step);
+    // qwen3: q/k projected into qraw/kraw, then RMS-normed per head (rows of D).
+    project(cfg.qk_norm ? s.qraw : s.q, s.ln1, l, LoraTarget::Q, s.h[int(LoraTarget::Q)], training, step);
+    project(cfg.qk_norm ? s.kraw : s.k, s.ln1, l, LoraTarget::K, s.h[int(LoraTarget::K)], training, step);
     project(s.v, s.ln1, l, LoraTarget::V, s.h[int(LoraTarget::V)], training, step);
+    if (cfg.qk_norm) {
+      cuda_ops::rmsnorm_forward(s.q, s.rstdq, s.qraw, W.q_norm, N * H, D, eps, st);
+      cuda_ops::rmsnorm_forward(s.k, s.rstdk, s.kraw, W.k_norm, N * KVH, D, eps, st);
+    }
     cuda_ops::rope_forward(s.q, pos, cos_t, sin_t, N, H, D, st);
     cuda_ops::rope_forward(s.k, pos, cos_t, sin_t, N, KVH, D, st);
-    cuda_ops::attention_forward(ctx, s.att, s.lse, s.q, s.k, s.v, doc_start, B, T, H, KVH, D);
+    cuda_ops::attention_forward(ctx, s.att, s.lse, s.q, s.k, s.v, starts_of(l), B, T, H, KVH, D);
     project(tmp, s.att, l, LoraTarget::O, s.h[int(LoraTarget::O)], training, step);
     cuda_ops::residual_forward(s.xmid, x, tmp, N * C, st);
     cuda_ops::rmsnorm_forward(s.ln2, s.rstd2, s.xmid, W.mlp_norm, N, C, eps, st);
@@ -289,11 +305,24 @@ struct CudaLlamaModel::Impl {
     cuda_ops::add_bf16_to_f32(dres, dtmp, N * C, st);  // dres = dL/dxmid
     cuda_ops::round_to_bf16(dres_bf, dres, N * C, st);
     project_backward(datt, false, dres_bf, s.att, l, LoraTarget::O, h(LoraTarget::O), training, step);
-    cuda_ops::attention_backward(ctx, dq, dk, dv, datt, s.att, s.lse, s.q, s.k, s.v, doc_start, B, T, H, KVH, D);
+    cuda_ops::attention_backward(ctx, dq, dk, dv, datt, s.att, s.lse, s.q, s.k, s.v, starts_of(l), B, T, H, KVH,
+                                 D);
     cuda_ops::rope_backward(dq, pos, cos_t, sin_t, N, H, D, st);
     cuda_ops::rope_backward(dk, pos, cos_t, sin_t, N, KVH, D, st);
-    project_backward(dln, false, dq, s.ln1, l, LoraTarget::Q, h(LoraTarget::Q), training, step);
-    project_backward(dln, true, dk, s.ln1, l, LoraTarget::K, h(LoraTarget::K), training, step);
+    // qk_norm: through the per-head norms into buffers free by now (datt after
+    // attention backward, dq after q's projection backward), as the CPU model.
+    const uint16_t* dqraw = dq;
+    if (cfg.qk_norm) {
+      cuda_ops::rmsnorm_backward(datt, dq, s.qraw, W.q_norm, s.rstdq, N * H, D, st);
+      dqraw = datt;
+    }
+    project_backward(dln, false, dqraw, s.ln1, l, LoraTarget::Q, h(LoraTarget::Q), training, step);
+    const uint16_t* dkraw = dk;
+    if (cfg.qk_norm) {
+      cuda_ops::rmsnorm_backward(dq, dk, s.kraw, W.k_norm, s.rstdk, N * KVH, D, st);
+      dkraw = dq;
+    }
+    project_backward(dln, true, dkraw, s.ln1, l, LoraTarget::K, h(LoraTarget::K), training, step);
     project_backward(dln, true, dv, s.ln1, l, LoraTarget::V, h(LoraTarget::V), training, step);
     cuda_ops::rmsnorm_backward(dtmp, dln, x, W.attn_norm, s.rstd1, N, C, st);
     cuda_ops::add_bf16_to_f32(dres, dtmp, N * C, st);
@@ -332,6 +361,8 @@ CudaLlamaModel::CudaLlamaModel(CudaContext& ctx, const LlamaWeights& w, const Lo
     Layer& d = m.layers[size_t(l)];
     d.attn_norm = m.weights.put_bf16(hw.attn_norm, C);
     d.mlp_norm = m.weights.put_bf16(hw.mlp_norm, C);
+    d.q_norm = m.weights.put_bf16(hw.q_norm, cfg.head_dim);  // null (none) unless qwen3
+    d.k_norm = m.weights.put_bf16(hw.k_norm, cfg.head_dim);
     const ops::LinearWeight* lins[kNumLoraTargets] = {&hw.q, &hw.k, &hw.v, &hw.o, &hw.gate, &hw.up, &hw.down};
     const float* biases[kNumLoraTargets] = {hw.q_bias,    hw.k_bias,  hw.v_bias,   hw.o_bias,
                                             hw.gate_bias, hw.up_bias, hw.down_bias};
@@ -376,6 +407,8 @@ class DeviceSink final : public WeightSink {
       case TensorKind::FinalNorm: final_norm_ = dense(); break;
       case TensorKind::AttnNorm: L->attn_norm = dense(); break;
       case TensorKind::MlpNorm: L->mlp_norm = dense(); break;
+      case TensorKind::QNorm: L->q_norm = dense(); break;
+      case TensorKind::KNorm: L->k_norm = dense(); break;
       case TensorKind::Q: linear(LoraTarget::Q); break;
       case TensorKind::K: linear(LoraTarget::K); break;
       case TensorKind::V: linear(LoraTarget::V); break;
@@ -473,6 +506,7 @@ void CudaLlamaModel::finish(const LoraWeights* lora) {
   ctx.workspace(ws);
   m.h_pos.resize(size_t(N));
   m.h_doc.resize(size_t(N));
+  if (cfg.sliding_window) m.h_win.resize(size_t(N));
   m.h_losses.resize(size_t(N));
   // The raw cudaMemcpy of the RoPE tables (legacy stream) lands before ctx's
   // non-blocking streams use them.
@@ -532,6 +566,10 @@ void CudaLlamaModel::Impl::run_trunk(const LlamaBatch& b, bool training, uint64_
   QLORA_CUDA_CHECK(cudaMemcpyAsync(tokens, b.tokens, ids, cudaMemcpyHostToDevice, st));
   QLORA_CUDA_CHECK(cudaMemcpyAsync(pos, h_pos.data(), ids, cudaMemcpyHostToDevice, st));
   QLORA_CUDA_CHECK(cudaMemcpyAsync(doc_start, h_doc.data(), ids, cudaMemcpyHostToDevice, st));
+  if (cfg.sliding_window) {
+    window_starts(h_win.data(), h_doc.data(), B, T, *cfg.sliding_window);
+    QLORA_CUDA_CHECK(cudaMemcpyAsync(win_start, h_win.data(), ids, cudaMemcpyHostToDevice, st));
+  }
   const int32_t none[2] = {INT32_MAX, INT32_MAX};
   QLORA_CUDA_CHECK(cudaMemcpyAsync(bad, none, sizeof(none), cudaMemcpyHostToDevice, st));
   cuda_ops::embedding_forward(resid[0], tokens, embed, N, C, V, bad, st);

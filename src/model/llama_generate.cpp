@@ -17,11 +17,12 @@ namespace {
 struct GeneratorBuffers {
   float *kcache, *vcache, *x, *ln, *q, *k, *v, *att, *tmp, *gate, *up, *h, *cos, *sin;
   int32_t* pos;
+  float *qk_raw = nullptr, *qk_rstd = nullptr;  // qk_norm (qwen3) only
 };
 
 GeneratorBuffers lay_out(Arena& a, const ModelConfig& cfg, int64_t S, int64_t R) {
   const int64_t C = cfg.hidden_size, I = cfg.intermediate_size, QD = cfg.q_dim(), KVD = cfg.kv_dim(),
-                L = cfg.num_hidden_layers, D = cfg.head_dim;
+                L = cfg.num_hidden_layers, D = cfg.head_dim, H = cfg.num_attention_heads;
   auto f = [&](int64_t n, const char* what) { return a.take<float>(size_t(n), what); };
   GeneratorBuffers b;
   b.kcache = f(L * S * KVD, "k cache");
@@ -39,6 +40,10 @@ GeneratorBuffers lay_out(Arena& a, const ModelConfig& cfg, int64_t S, int64_t R)
   b.cos = f(S * D / 2, "cos");
   b.sin = f(S * D / 2, "sin");
   b.pos = a.take<int32_t>(size_t(S), "positions");
+  if (cfg.qk_norm) {
+    b.qk_raw = f(S * QD, "q/k before norm");
+    b.qk_rstd = f(S * H, "q/k norm rstd");
+  }
   return b;
 }
 
@@ -55,6 +60,7 @@ LlamaGenerator::LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, i
   const GeneratorBuffers b = lay_out(arena_, cfg_, max_seq, lora_rank_);
   kcache_ = b.kcache, vcache_ = b.vcache, x_ = b.x, ln_ = b.ln, q_ = b.q, k_ = b.k, v_ = b.v, att_ = b.att;
   tmp_ = b.tmp, gate_ = b.gate, up_ = b.up, h_ = b.h, cos_ = b.cos, sin_ = b.sin, pos_ = b.pos;
+  qk_raw_ = b.qk_raw, qk_rstd_ = b.qk_rstd;
   const int64_t D = cfg_.head_dim;
   std::vector<float> inv(size_t(D / 2));
   ops::rope_inv_freq(inv.data(), rope_params(cfg_), D);
@@ -98,14 +104,21 @@ void LlamaGenerator::feed(const int32_t* tokens, int64_t T, float* logits) {
     float* kc = kcache_ + l * S * KVD;
     float* vc = vcache_ + l * S * KVD;
     ops::rmsnorm_forward(ln_, tmp_, x_, W.attn_norm, T, C, eps);  // rstd into tmp_: unused here
-    project(q_, ln_, W.q, W.q_bias, l, LoraTarget::Q, T);
-    project(k_, ln_, W.k, W.k_bias, l, LoraTarget::K, T);
+    if (cfg_.qk_norm) {  // qwen3: per-head RMSNorm of q and k before RoPE
+      project(qk_raw_, ln_, W.q, W.q_bias, l, LoraTarget::Q, T);
+      ops::rmsnorm_forward(q_, qk_rstd_, qk_raw_, W.q_norm, T * H, D, eps);
+      project(qk_raw_, ln_, W.k, W.k_bias, l, LoraTarget::K, T);
+      ops::rmsnorm_forward(k_, qk_rstd_, qk_raw_, W.k_norm, T * KVH, D, eps);
+    } else {
+      project(q_, ln_, W.q, W.q_bias, l, LoraTarget::Q, T);
+      project(k_, ln_, W.k, W.k_bias, l, LoraTarget::K, T);
+    }
     project(v_, ln_, W.v, W.v_bias, l, LoraTarget::V, T);
     ops::rope_forward(q_, pos_, cos_, sin_, T, H, D);
     ops::rope_forward(k_, pos_, cos_, sin_, T, KVH, D);
     std::memcpy(kc + past_ * KVD, k_, size_t(T * KVD) * sizeof(float));
     std::memcpy(vc + past_ * KVD, v_, size_t(T * KVD) * sizeof(float));
-    ops::attention_cached_forward(att_, q_, kc, vc, past_, T, H, KVH, D);
+    ops::attention_cached_forward(att_, q_, kc, vc, past_, T, H, KVH, D, cfg_.attention_window(l));
     project(tmp_, att_, W.o, W.o_bias, l, LoraTarget::O, T);
     ops::residual_forward(x_, x_, tmp_, T * C);
     ops::rmsnorm_forward(ln_, tmp_, x_, W.mlp_norm, T, C, eps);

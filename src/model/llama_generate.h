@@ -43,6 +43,7 @@ class LlamaGenerator final : public TokenGenerator {
   Arena arena_;
   float *kcache_, *vcache_;  // (L, S, KVH*D)
   float *x_, *ln_, *q_, *k_, *v_, *att_, *tmp_, *gate_, *up_, *h_, *cos_, *sin_;
+  float *qk_raw_, *qk_rstd_;  // qk_norm only (else null): a projection before its per-head norm, and the rstd
   int32_t* pos_;
 };
 

@@ -105,7 +105,8 @@ void parallel_for(int threads, size_t count, const std::function<void(size_t)>& 
 }
 
 bool is_norm(TensorKind k) {
-  return k == TensorKind::AttnNorm || k == TensorKind::MlpNorm || k == TensorKind::FinalNorm;
+  return k == TensorKind::AttnNorm || k == TensorKind::MlpNorm || k == TensorKind::FinalNorm ||
+         k == TensorKind::QNorm || k == TensorKind::KNorm;
 }
 
 bool is_bias(TensorKind k) {

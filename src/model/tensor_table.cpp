@@ -14,10 +14,10 @@ namespace qlora {
 namespace {
 
 // Symbolic sizes: V vocab, C hidden, I intermediate, QD = H*D (all query
-// heads), KVD = KV*D (all key/value heads). None ends a 1-D shape.
-enum class Dim { None, V, C, I, QD, KVD };
+// heads), KVD = KV*D (all key/value heads), D = one head. None ends a 1-D shape.
+enum class Dim { None, V, C, I, QD, KVD, D };
 enum class Part { Head, Layer, Tail };  // before the blocks, per block, after
-enum class When { Always, AttnBias, LlamaAttnBias, MlpBias, Untied };
+enum class When { Always, AttnBias, OBias, QkNorm, MlpBias, Untied };
 
 struct Row {
   TensorKind kind;
@@ -40,7 +40,9 @@ constexpr Row kTable[] = {
   {TensorKind::KBias,     Part::Layer, "model.layers.{i}.self_attn.k_proj.bias",         Dim::KVD, Dim::None, When::AttnBias,      false},
   {TensorKind::VBias,     Part::Layer, "model.layers.{i}.self_attn.v_proj.bias",         Dim::KVD, Dim::None, When::AttnBias,      false},
   {TensorKind::O,         Part::Layer, "model.layers.{i}.self_attn.o_proj.weight",       Dim::C,   Dim::QD,   When::Always,        true},
-  {TensorKind::OBias,     Part::Layer, "model.layers.{i}.self_attn.o_proj.bias",         Dim::C,   Dim::None, When::LlamaAttnBias, false},
+  {TensorKind::OBias,     Part::Layer, "model.layers.{i}.self_attn.o_proj.bias",         Dim::C,   Dim::None, When::OBias,         false},
+  {TensorKind::QNorm,     Part::Layer, "model.layers.{i}.self_attn.q_norm.weight",       Dim::D,   Dim::None, When::QkNorm,        false},
+  {TensorKind::KNorm,     Part::Layer, "model.layers.{i}.self_attn.k_norm.weight",       Dim::D,   Dim::None, When::QkNorm,        false},
   {TensorKind::MlpNorm,   Part::Layer, "model.layers.{i}.post_attention_layernorm.weight", Dim::C, Dim::None, When::Always,        false},
   {TensorKind::Gate,      Part::Layer, "model.layers.{i}.mlp.gate_proj.weight",          Dim::I,   Dim::C,    When::Always,        true},
   {TensorKind::Up,        Part::Layer, "model.layers.{i}.mlp.up_proj.weight",            Dim::I,   Dim::C,    When::Always,        true},
@@ -64,9 +66,10 @@ bool applies(When w, const ModelConfig& cfg) {
   switch (w) {
     case When::Always: return true;
     case When::AttnBias: return cfg.attention_bias;
-    // Qwen2 has q/k/v biases but no o_proj bias; Llama's attention_bias
-    // puts a bias on all four projections.
-    case When::LlamaAttnBias: return cfg.attention_bias && cfg.arch == Arch::Llama;
+    // Qwen2 has q/k/v biases but no o_proj bias; Llama's (and Qwen3's)
+    // attention_bias puts a bias on all four projections.
+    case When::OBias: return cfg.attention_bias && cfg.arch != Arch::Qwen2;
+    case When::QkNorm: return cfg.qk_norm;
     case When::MlpBias: return cfg.mlp_bias;
     case When::Untied: return !cfg.tie_word_embeddings;
   }
@@ -80,6 +83,7 @@ int64_t size_of(Dim d, const ModelConfig& cfg) {
     case Dim::I: return cfg.intermediate_size;
     case Dim::QD: return cfg.q_dim();
     case Dim::KVD: return cfg.kv_dim();
+    case Dim::D: return cfg.head_dim;
     case Dim::None: break;
   }
   return 0;
@@ -92,6 +96,7 @@ const char* dim_name(Dim d) {
     case Dim::I: return "I";
     case Dim::QD: return "H*D";
     case Dim::KVD: return "KV*D";
+    case Dim::D: return "D";
     case Dim::None: break;
   }
   return "?";
@@ -132,6 +137,8 @@ std::string_view tensor_kind_name(TensorKind k) {
     case TensorKind::KBias: return "k_bias";
     case TensorKind::VBias: return "v_bias";
     case TensorKind::OBias: return "o_bias";
+    case TensorKind::QNorm: return "q_norm";
+    case TensorKind::KNorm: return "k_norm";
     case TensorKind::MlpNorm: return "mlp_norm";
     case TensorKind::Gate: return "gate";
     case TensorKind::Up: return "up";

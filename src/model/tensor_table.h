@@ -18,7 +18,8 @@ enum class TensorKind {
   AttnNorm,     // model.layers.{i}.input_layernorm.weight [C]
   Q, K, V, O,   // model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
   QBias, KBias, VBias,  // ...{q,k,v}_proj.bias (qwen2, attention_bias)
-  OBias,        // o_proj.bias (llama with attention_bias)
+  OBias,        // o_proj.bias (llama, qwen3 with attention_bias)
+  QNorm, KNorm, // model.layers.{i}.self_attn.{q,k}_norm.weight [D] (qwen3)
   MlpNorm,      // model.layers.{i}.post_attention_layernorm.weight [C]
   Gate, Up, Down,        // model.layers.{i}.mlp.{gate,up,down}_proj.weight
   GateBias, UpBias, DownBias,  // mlp_bias

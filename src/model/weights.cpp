@@ -107,6 +107,12 @@ void bind_weights(LlamaWeights& w, const std::vector<TensorSlot>& slots,
       case TensorKind::MlpNorm:
         L->mlp_norm = p.dense;
         break;
+      case TensorKind::QNorm:
+        L->q_norm = p.dense;
+        break;
+      case TensorKind::KNorm:
+        L->k_norm = p.dense;
+        break;
       case TensorKind::Q:
         L->q = linear(s, p, opt);
         break;

@@ -36,6 +36,7 @@ struct WeightLoadOptions {
 struct LlamaLayerWeights {
   const float* attn_norm = nullptr;  // (C)
   const float* mlp_norm = nullptr;   // (C)
+  const float *q_norm = nullptr, *k_norm = nullptr;  // (D) each; qwen3 only
   // q (H*D,C), k and v (KVH*D,C), o (C,H*D), gate and up (I,C), down (C,I)
   ops::LinearWeight q, k, v, o, gate, up, down;
   // null when the architecture has none

@@ -117,12 +117,7 @@ int64_t max_positions(const PlanInput& in) {
 
 }  // namespace
 
-int64_t max_seq_len(const PlanInput& in) {
-  // The engine has no sliding-window attention: within the window full
-  // causal attention computes the same thing, beyond it it does not.
-  const int64_t t = max_positions(in);
-  return in.model.sliding_window ? std::min(t, *in.model.sliding_window) : t;
-}
+int64_t max_seq_len(const PlanInput& in) { return max_positions(in); }
 
 namespace {
 
@@ -130,9 +125,6 @@ void validate(const PlanInput& in) {
   const ModelConfig& c = in.model;
   if (in.micro_batch < 1) fail("train.micro_batch: must be at least 1, got ", in.micro_batch);
   if (in.seq_len < 2) fail("data.seq_len: must be at least 2, got ", in.seq_len);
-  if (c.sliding_window && in.seq_len > *c.sliding_window)
-    fail("data.seq_len: ", in.seq_len, " exceeds the model's attention sliding_window ", *c.sliding_window,
-         " (config.json), which qlora does not implement; use data.seq_len <= ", *c.sliding_window);
   const int64_t max_t = max_positions(in);
   if (in.seq_len > max_t) {
     if (c.rope_scaling.type == RopeScalingType::None)

@@ -110,7 +110,7 @@ void add_cuda_buffers(MemoryPlan& p) {
   if (bb.lm_head > 0)
     add(p, cat, "lm_head", bb.lm_head, "bf16", Lifetime::persistent, Place::device, "V x C (untied)");
   add(p, cat, "norms and biases", bb.small, "bf16", Lifetime::persistent, Place::device,
-      "(2L+1) x C + biases");
+      c.qk_norm ? "(2L+1) x C + 2L x D (q/k norms) + biases" : "(2L+1) x C + biases");
 
   // ---- LoRA and optimizer
   const uint64_t P = p.lora_params;
@@ -135,8 +135,11 @@ void add_cuda_buffers(MemoryPlan& p) {
 
   // ---- activations: one layer's saved set (bf16 tensors, fp32 statistics),
   // as the CPU model's LayerActs.
+  // qwen3's q/k norms keep q and k before the norm (bf16) and their rstd (fp32) too.
+  const uint64_t KVH = uint64_t(c.num_key_value_heads);
+  const uint64_t qk_norm = c.qk_norm ? N * (kBf16 * (QD + KVD) + kF32 * (H + KVH)) : 0;
   const uint64_t layer_set =
-      N * (kBf16 * (C + QD + 2 * KVD + QD + C + C + 3 * I + n_targets * R) + kF32 * (1 + H + 1));
+      N * (kBf16 * (C + QD + 2 * KVD + QD + C + C + 3 * I + n_targets * R) + kF32 * (1 + H + 1)) + qk_norm;
   const uint64_t outputs = (L + 1) * N * C * kBf16;
   if (in.checkpointing) {
     add(p, "activations", "checkpointed layer inputs", outputs, "bf16", Lifetime::per_step, Place::device,
@@ -158,8 +161,11 @@ void add_cuda_buffers(MemoryPlan& p) {
         "B x T x max(C, I, H x D)");
   add(p, "activations", "final norm + loss rows", N * (C * kBf16 + 3 * kF32), "mixed", Lifetime::per_step,
       Place::device, "normed output bf16; rstd, loss, lse fp32");
-  add(p, "activations", "batch + rope tables", N * 3 * 4 + T * D * kF32, "mixed", Lifetime::per_step,
-      Place::device, "tokens, targets, positions int32; cos, sin fp32");
+  // A sliding window adds the first visible key of each token (int32).
+  add(p, "activations", "batch + rope tables", N * (c.sliding_window ? 4 : 3) * 4 + T * D * kF32, "mixed",
+      Lifetime::per_step, Place::device,
+      c.sliding_window ? "tokens, targets, positions, window starts int32; cos, sin fp32"
+                       : "tokens, targets, positions int32; cos, sin fp32");
 
   // ---- workspaces
   add(p, "workspace", "attention workspace", N * H * kF32 + N * QD * kF32, "fp32", Lifetime::per_layer,

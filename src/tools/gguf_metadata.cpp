@@ -292,6 +292,8 @@ std::string gguf_architecture(Arch a) {
       return "llama";
     case Arch::Qwen2:
       return "qwen2";
+    case Arch::Qwen3:
+      return "qwen3";  // llama.cpp's LLM_ARCH_QWEN3: attn_q_norm/attn_k_norm, NeoX RoPE (no q/k interleaving)
   }
   fail("internal: no GGUF architecture for ", arch_name(a));
 }

@@ -6,7 +6,7 @@
 //
 // Architectures: Llama and Mistral are written as "llama" (llama.cpp's
 // converter labels Mistral so too; its sliding window is not part of the
-// "llama" architecture and is dropped), Qwen2 as "qwen2".
+// "llama" architecture and is dropped), Qwen2 as "qwen2", Qwen3 as "qwen3".
 #pragma once
 
 #include <filesystem>

@@ -11,7 +11,12 @@ apply_chat_template uses (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, r
 tojson, strftime_now), with date_string "26 Jul 2024" (qlora's fixed date, docs/data.md).
 
 Conversations that end with the user are compared a second time with add_generation_prompt=True
-against `qlora tokenize --chat --add-generation-prompt`. What qlora does not render is checked as
+against `qlora tokenize --chat --add-generation-prompt`. Qwen3 runs twice: `qwen3` against the template
+with enable_thinking undefined (its default, thinking on) and `qwen3-nothink` against
+enable_thinking=False (the empty think block after the generation prompt); a third of their assistant
+replies carry `<think>...</think>` reasoning (dropped from past turns, kept after the last user turn).
+Its template is expected at fixtures/chat_templates/Qwen-Qwen3-8B.jinja (the chat_template of
+Qwen/Qwen3-8B's tokenizer_config.json); the two cases skip with a message while it is absent. What qlora does not render is checked as
 refused, not skipped: an empty message (qlora refuses it, naming the message)."""
 import concurrent.futures
 import datetime
@@ -32,6 +37,9 @@ FAMILIES = {
     "chatml": ("chatml", "config:tokenizers/smollm-135m-instruct", "tokenizers/smollm-135m-instruct", "hf"),
     "smollm2": ("smollm2", "config:smollm2", "smollm2", "hf"),
     "qwen2.5": ("qwen2.5", "jinja:Qwen-Qwen2.5-7B-Instruct.jinja", "tokenizers/smollm-135m-instruct", "hf"),
+    # <think> is plain text to the SmolLM tokenizer: both sides encode it through BPE alike.
+    "qwen3": ("qwen3", "jinja:Qwen-Qwen3-8B.jinja", "tokenizers/smollm-135m-instruct", "hf"),
+    "qwen3-nothink": ("qwen3-nothink", "jinja:Qwen-Qwen3-8B.jinja", "tokenizers/smollm-135m-instruct", "hf"),
     "llama3.1": ("llama3.1", "jinja:meta-llama-Llama-3.1-8B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
     "llama3.2": ("llama3.2", "jinja:meta-llama-Llama-3.2-3B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
     "llama3.3": ("llama3.3", "jinja:meta-llama-Llama-3.3-70B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
@@ -44,8 +52,11 @@ FAMILIES = {
 }
 SPECIAL = {  # bos/eos text the templates write
     "chatml": ("<|im_start|>", "<|im_end|>"), "smollm2": ("<|im_start|>", "<|im_end|>"),
-    "qwen2.5": ("<|im_start|>", "<|im_end|>"),
+    "qwen2.5": ("<|im_start|>", "<|im_end|>"), "qwen3": ("<|im_start|>", "<|im_end|>"),
+    "qwen3-nothink": ("<|im_start|>", "<|im_end|>"),
 }
+# Jinja variables beyond the common ones, per family.
+EXTRA_VARS = {"qwen3-nothink": {"enable_thinking": False}}
 
 
 def tokenizer_path(spec: str) -> Path:
@@ -119,7 +130,11 @@ def conversations(family: str, n: int):
         turns = rng.randint(1, 4)
         for t in range(turns):
             msgs.append({"role": "user", "content": content()})
-            msgs.append({"role": "assistant", "content": content()})
+            reply = content()
+            if family.startswith("qwen3") and rng.random() < 0.35:  # a reply with its reasoning
+                reply = rng.choice(["<think>\n", "<think>", "\n<think>\n\n"]) + content() + \
+                    rng.choice(["\n</think>\n\n", "</think>", "\n\n</think>\n"]) + reply
+            msgs.append({"role": "assistant", "content": reply})
         if turns > 1 and i % 5 == 1:
             msgs.append({"role": "user", "content": content()})  # ends with a user message
         convs.append(msgs)
@@ -174,7 +189,7 @@ def test_chat_template(family, tmp_path):
 
     def render(msgs, gen):
         return tmpl.render(messages=msgs, add_generation_prompt=gen, bos_token=bos, eos_token=eos,
-                           date_string=DATE)
+                           date_string=DATE, **EXTRA_VARS.get(family, {}))
 
     def encode(text, i):
         return hf.encode(text, add_special_tokens=False).ids if hf else qlora_plain_ids(tok, text, tmp_path, i)
