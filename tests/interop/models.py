@@ -34,6 +34,15 @@ TINY = {
     "mistral": ("MistralConfig", dict(
         _COMMON, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, sliding_window=None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Qwen3: q/k norms, head_dim 32 != 64 / 4, tied; a 16-token window on layer 1 (max_window_layers 1),
+    # shorter than the 48-token documents and the 20-token greedy sequences of the checks.
+    "qwen3-window": ("Qwen3Config", dict(
+        _COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=16, max_window_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Mistral v0.1's sliding window (every layer), 12 tokens.
+    "mistral-window": ("MistralConfig", dict(
+        _COMMON, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=12,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 

@@ -161,6 +161,9 @@ PEFT_MADE = {
     "qwen2-r16-a4-rslora-mlp": ("qwen2-bias", dict(r=16, lora_alpha=4, use_rslora=True,
                                                    target_modules=["gate_proj", "up_proj", "down_proj"])),
     "mistral-r2-a2-qv": ("mistral", dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"])),
+    # Sliding windows shorter than the documents (eval) and the greedy sequences (KV-cache generation).
+    "qwen3-window-r4-a8-all7": ("qwen3-window", dict(r=4, lora_alpha=8, target_modules=ALL7)),
+    "mistral-window-r4-a8-all7": ("mistral-window", dict(r=4, lora_alpha=8, target_modules=ALL7)),
     "smollm2-r8-a16-all7": ("smollm2-135m", dict(r=8, lora_alpha=16, target_modules=ALL7)),
     "llama-r4-a8-all-linear": ("llama-gqa-rope3", dict(r=4, lora_alpha=8, target_modules="all-linear")),
 }
