@@ -4,7 +4,16 @@
 //    dequantize-and-consume paths, training shapes the panel + sgemm path;
 // 2. forward+backward tokens/s of a few random Llama shapes with LoRA on all
 //    block linears, with and without activation checkpointing.
+// 3. for bench/cpu_vs_hf.sh, one measurement per process (peak RSS is the
+//    process's), printed as one JSON line: --train MODEL (a training step of
+//    random weights of a real config from bench/shapes.json "cpu_models", the
+//    trainer's step through make_cpu_engine, with the memory plan's figure),
+//    --generate FILE (batch-1 greedy tokens/s), --gemm-ceiling (sgemm GFLOP/s
+//    through the same OpenBLAS).
 // Usage: bench_cpu_engine [--quick] [--linear-only] [--reps R]
+//        bench_cpu_engine --train MODEL --seq T [--batch B] [--steps N] [--warmup W] [--no-checkpointing]
+//        bench_cpu_engine --generate MODEL_PATH [--tokens N]
+//        bench_cpu_engine --gemm-ceiling [--size N]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,13 +25,24 @@
 #include <string>
 #include <vector>
 
+#include <cblas.h>
 #include <nlohmann/json.hpp>
+#include <omp.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <fstream>
+
+#include "core/error.h"
 #include "io/safetensors.h"
 #include "kernels/ops.h"
 #include "model/llama.h"
+#include "model/llama_generate.h"
+#include "model/random_weights.h"
+#include "plan/plan.h"
 #include "quant/blockwise.h"
+#include "train/engine.h"
+#include "train/optimizer.h"
 
 using namespace qlora;
 using Clock = std::chrono::steady_clock;
@@ -180,22 +200,203 @@ void bench_model(bool quick) {
   std::filesystem::remove_all(root);
 }
 
+// ---- one measurement per process, for bench/cpu_vs_hf.sh -------------------------------
+
+uint64_t peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return uint64_t(u.ru_maxrss) * 1024;  // KiB on Linux
+}
+
+// A config.json of bench/shapes.json's "cpu_models" (the published configs of
+// the models bench/cpu_vs_hf.sh compares on).
+ModelConfig shape_config(const std::string& file, const std::string& name) {
+  std::ifstream f(file);
+  if (!f) fail("cannot open ", file, " (give --shapes-file bench/shapes.json)");
+  const nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+  if (j.is_discarded() || !j.contains("cpu_models") || !j["cpu_models"].is_object())
+    fail(file, ": expected an object \"cpu_models\" of config.json objects");
+  if (!j["cpu_models"].contains(name)) {
+    std::string known;
+    for (const auto& [k, v] : j["cpu_models"].items()) known += str(known.empty() ? "" : ", ", k);
+    fail(file, ": no cpu_models entry '", name, "' (known: ", known, ")");
+  }
+  return parse_model_config(j["cpu_models"][name], str(file, ": cpu_models.", name));
+}
+
+struct TrainOptions {
+  std::string model, shapes_file;
+  int64_t seq = 256, batch = 2, steps = 2, warmup = 1;
+  bool checkpointing = true;
+};
+
+// The trainer's step (forward, backward, clip 1.0, AdamW) on random NF4
+// weights of the config, objects built with the plan's options so the plan's
+// arenas are the allocated ones.
+void bench_train(const TrainOptions& o) {
+  PlanInput in;
+  in.model = shape_config(o.shapes_file, o.model);
+  in.model_name = o.model;
+  in.seq_len = o.seq;
+  in.micro_batch = o.batch;
+  in.checkpointing = o.checkpointing;
+  in.lora.rank = 16;
+  in.lora.alpha = 16.0;
+  const MemoryPlan plan = make_plan(in);
+  const LlamaWeights w = random_llama_weights(in.model, weight_load_options(in), 1);
+  LoraWeights lora(in.model, in.lora);
+  lora.init_default(1);
+  Optimizer opt(in.optimizer, lora.flat_size());
+  auto engine = make_cpu_engine(w, lora, opt, o.batch, o.seq, llama_run_options(in));
+  const int64_t n = o.batch * o.seq, V = in.model.vocab_size;
+  std::vector<int32_t> tokens(static_cast<size_t>(n)), targets(tokens.size());
+  std::mt19937 rng(7);
+  for (auto& t : tokens) t = int32_t(rng() % uint32_t(V));
+  for (size_t i = 0; i < tokens.size(); ++i) targets[i] = tokens[(i + 1) % tokens.size()];
+  const LlamaBatch batch{tokens.data(), targets.data(), nullptr, o.batch, o.seq};
+  std::vector<double> times, losses;
+  for (int64_t s = 0; s < o.warmup + o.steps; ++s) {
+    const auto t0 = Clock::now();
+    engine->zero_grad();
+    losses.push_back(engine->model().forward(batch));
+    engine->model().backward();
+    engine->clip_grad_norm(1.0);
+    engine->optimizer_step(1e-4);
+    if (s >= o.warmup) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  const double median = times[times.size() / 2];
+  const nlohmann::json j = {{"side", "qlora"},
+                            {"model", o.model},
+                            {"seq", o.seq},
+                            {"micro_batch", o.batch},
+                            {"threads", omp_get_max_threads()},
+                            {"checkpointing", o.checkpointing},
+                            {"steps", o.steps},
+                            {"step_s_median", median},
+                            {"tokens_per_s", double(n) / median},
+                            {"peak_rss_bytes", peak_rss_bytes()},
+                            {"planned_bytes", plan.device_bytes},
+                            {"planned_arenas_bytes", plan.arenas.total()},
+                            {"loss_first", losses.front()},
+                            {"loss_last", losses.back()}};
+  std::printf("%s\n", j.dump().c_str());
+}
+
+// Batch-1 greedy generation: an 8-token prompt, then `tokens` tokens one at a
+// time (the time of those alone), as `qlora generate` runs it.
+void bench_generate(const std::string& path, int64_t tokens) {
+  WeightLoadOptions opt;
+  opt.quantize = true;
+  const LlamaWeights w = load_llama_weights(path, opt);
+  const int64_t V = w.cfg.vocab_size;
+  LlamaGenerator gen(w, nullptr, 8 + tokens + 1);
+  std::vector<int32_t> prompt(8);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t((i * 7919 + 13) % size_t(V));
+  std::vector<float> logits(static_cast<size_t>(V));
+  gen.feed(prompt.data(), int64_t(prompt.size()), logits.data());
+  const auto t0 = Clock::now();
+  for (int64_t s = 0; s < tokens; ++s) {
+    const int32_t id = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    gen.feed(&id, 1, logits.data());
+  }
+  const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+  const nlohmann::json j = {{"side", "qlora"},       {"generate", path},
+                            {"tokens", tokens},      {"threads", omp_get_max_threads()},
+                            {"tokens_per_s", double(tokens) / sec}, {"peak_rss_bytes", peak_rss_bytes()}};
+  std::printf("%s\n", j.dump().c_str());
+}
+
+// The fp32 GEMM ceiling of this machine through this OpenBLAS: the best of a
+// few square sgemms.
+void bench_gemm_ceiling(int64_t size) {
+  const int n = int(size);
+  const auto a = randn(size * size, 1, 1.0f), b = randn(size * size, 2, 1.0f);
+  std::vector<float> c(size_t(size * size));
+  const double s = best_seconds(
+      [&] {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f,
+                    c.data(), n);
+      },
+      5);
+  const nlohmann::json j = {{"side", "qlora"}, {"gemm", "openblas sgemm"}, {"size", size},
+                            {"threads", omp_get_max_threads()}, {"gflops", 2.0 * double(size) * size * size / s / 1e9}};
+  std::printf("%s\n", j.dump().c_str());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, linear_only = false;
+  bool quick = false, linear_only = false, gemm = false;
   int reps = 5;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0) {
-      quick = true;
-    } else if (std::strcmp(argv[i], "--linear-only") == 0) {
-      linear_only = true;
-    } else if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc) {
-      reps = std::max(1, std::atoi(argv[++i]));
-    } else {
-      std::fprintf(stderr, "usage: bench_cpu_engine [--quick] [--linear-only] [--reps R]\n");
-      return 2;
+  TrainOptions train;
+  train.shapes_file = QLORA_SOURCE_DIR "/bench/shapes.json";
+  std::string generate;
+  int64_t gen_tokens = 32, gemm_size = 2048;
+  const auto usage = [] {
+    std::fprintf(stderr,
+                 "usage: bench_cpu_engine [--quick] [--linear-only] [--reps R]\n"
+                 "       bench_cpu_engine --train MODEL --seq T [--batch B] [--steps N] [--warmup W] "
+                 "[--no-checkpointing] [--shapes-file F]\n"
+                 "       bench_cpu_engine --generate MODEL_PATH [--tokens N]\n"
+                 "       bench_cpu_engine --gemm-ceiling [--size N]\n");
+    return 2;
+  };
+  const auto num = [&](int& i, int64_t lo) {
+    const long long v = std::atoll(argv[++i]);
+    if (v < lo) throw std::invalid_argument(argv[i - 1]);
+    return int64_t(v);
+  };
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      const bool has = i + 1 < argc;
+      if (a == "--quick") {
+        quick = true;
+      } else if (a == "--linear-only") {
+        linear_only = true;
+      } else if (a == "--reps" && has) {
+        reps = int(num(i, 1));
+      } else if (a == "--train" && has) {
+        train.model = argv[++i];
+      } else if (a == "--seq" && has) {
+        train.seq = num(i, 2);
+      } else if (a == "--batch" && has) {
+        train.batch = num(i, 1);
+      } else if (a == "--steps" && has) {
+        train.steps = num(i, 1);
+      } else if (a == "--warmup" && has) {
+        train.warmup = num(i, 0);
+      } else if (a == "--no-checkpointing") {
+        train.checkpointing = false;
+      } else if (a == "--shapes-file" && has) {
+        train.shapes_file = argv[++i];
+      } else if (a == "--generate" && has) {
+        generate = argv[++i];
+      } else if (a == "--tokens" && has) {
+        gen_tokens = num(i, 1);
+      } else if (a == "--gemm-ceiling") {
+        gemm = true;
+      } else if (a == "--size" && has) {
+        gemm_size = num(i, 64);
+      } else {
+        return usage();
+      }
     }
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "bench_cpu_engine: %s: expected a larger number\n", e.what());
+    return usage();
+  }
+  if (!train.model.empty() || !generate.empty() || gemm) {
+    try {
+      if (gemm) bench_gemm_ceiling(gemm_size);
+      if (!train.model.empty()) bench_train(train);
+      if (!generate.empty()) bench_generate(generate, gen_tokens);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "bench_cpu_engine: %s\n", e.what());
+      return 1;
+    }
+    return 0;
   }
   // libgomp threads spin after each parallel region and then fight OpenBLAS's
   // own threads for the cores: measured 2-9x slower on 2 cores (docs/engine.md).
