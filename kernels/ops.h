@@ -135,6 +135,10 @@ void rope_backward(float* dx, const int32_t* pos, const float* cos, const float*
 // Query head h reads key/value head h / (H/KVH). Scores are scaled by 1/sqrt(D).
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        const int32_t* doc_start, int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t D);
+// Scratch of the training attention outside any arena: each OpenMP thread
+// keeps two score tiles of this many floats (thread-local, grown once); the
+// CPU memory plan counts them.
+int64_t attention_scratch_floats(int64_t T);
 // dq (B,T,H,D), dk, dv (B,T,KVH,D): assigned.
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
                         const float* q, const float* k, const float* v, const int32_t* doc_start, int64_t B,

@@ -265,8 +265,12 @@ std::vector<OpCase> attention_cases() {
     bool packed;
     int64_t window;  // sliding window (0: none), applied as the model does (window_starts)
   };
+  // T = 150: three tiles of 64 queries (kernels/cpu/attention.cpp), the second
+  // document starting inside the second tile; with a window of 40, tiles whose
+  // queries start at different keys.
   for (S s : {S{1, 4, 2, 2, 4, false, 0}, S{2, 6, 4, 2, 8, true, 0}, S{1, 7, 6, 1, 4, true, 0},
-              S{1, 9, 2, 1, 4, false, 3}, S{2, 12, 4, 2, 8, true, 4}}) {
+              S{1, 9, 2, 1, 4, false, 3}, S{2, 12, 4, 2, 8, true, 4}, S{2, 150, 4, 2, 8, true, 0},
+              S{1, 150, 2, 1, 4, true, 40}}) {
     out.push_back({"B" + std::to_string(s.B) + "_T" + std::to_string(s.T) + "_H" + std::to_string(s.H) + "_KVH" +
                        std::to_string(s.KVH) + "_D" + std::to_string(s.D) + (s.packed ? "_packed" : "") +
                        (s.window ? "_window" + std::to_string(s.window) : ""),

@@ -1,9 +1,12 @@
 // The CPU device model: the exact arenas of this codebase, each measured by
 // the layout function its constructor runs (no formula repeated here), plus
 // the few allocations outside arenas.
+#include <omp.h>
+
 #include <algorithm>
 
 #include "core/error.h"
+#include "kernels/ops.h"
 #include "model/tensor_table.h"
 #include "plan/plan_internal.h"
 
@@ -69,6 +72,11 @@ void add_cpu_buffers(MemoryPlan& p) {
   if (in.quantize)
     add(p, "workspace", "dequantization panel (thread-local)", uint64_t(panel) * 4, "fp32",
         Lifetime::per_layer, Place::host, "largest panel of 1M floats (at least one row) of a 4-bit linear");
+  const uint64_t threads = uint64_t(std::max(1, omp_get_max_threads()));
+  add(p, "workspace", "attention score tiles (thread-local)",
+      threads * 2 * uint64_t(ops::attention_scratch_floats(in.seq_len)) * 4, "fp32", Lifetime::per_layer,
+      Place::host, str("two tiles of ", ops::attention_scratch_floats(in.seq_len), " floats per OpenMP thread (",
+                       threads, ")"));
   const uint64_t load =
       uint64_t(largest) * 4 + (in.quantize ? uint64_t(largest) / 2 + uint64_t(largest) / 8 : 0);
   add(p, "host", "weight load: one tensor in flight", load, "fp32", Lifetime::load, Place::host,
