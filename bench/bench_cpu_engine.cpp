@@ -29,6 +29,7 @@
 #include <nlohmann/json.hpp>
 #include <omp.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -208,6 +209,14 @@ uint64_t peak_rss_bytes() {
   return uint64_t(u.ru_maxrss) * 1024;  // KiB on Linux
 }
 
+// CPU time of all of the process's threads (user + system): on a machine
+// shared with other jobs, a steadier measure of the work than wall time.
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
 // A config.json of bench/shapes.json's "cpu_models" (the published configs of
 // the models bench/cpu_vs_hf.sh compares on).
 ModelConfig shape_config(const std::string& file, const std::string& name) {
@@ -254,17 +263,22 @@ void bench_train(const TrainOptions& o) {
   for (auto& t : tokens) t = int32_t(rng() % uint32_t(V));
   for (size_t i = 0; i < tokens.size(); ++i) targets[i] = tokens[(i + 1) % tokens.size()];
   const LlamaBatch batch{tokens.data(), targets.data(), nullptr, o.batch, o.seq};
-  std::vector<double> times, losses;
+  std::vector<double> times, cpu_times, losses;
   for (int64_t s = 0; s < o.warmup + o.steps; ++s) {
     const auto t0 = Clock::now();
+    const double c0 = process_cpu_seconds();
     engine->zero_grad();
     losses.push_back(engine->model().forward(batch));
     engine->model().backward();
     engine->clip_grad_norm(1.0);
     engine->optimizer_step(1e-4);
-    if (s >= o.warmup) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    if (s >= o.warmup) {
+      times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      cpu_times.push_back(process_cpu_seconds() - c0);
+    }
   }
   std::sort(times.begin(), times.end());
+  std::sort(cpu_times.begin(), cpu_times.end());
   const double median = times[times.size() / 2];
   const nlohmann::json j = {{"side", "qlora"},
                             {"model", o.model},
@@ -275,6 +289,7 @@ void bench_train(const TrainOptions& o) {
                             {"steps", o.steps},
                             {"step_s_median", median},
                             {"tokens_per_s", double(n) / median},
+                            {"cpu_s_median", cpu_times[cpu_times.size() / 2]},
                             {"peak_rss_bytes", peak_rss_bytes()},
                             {"planned_bytes", plan.device_bytes},
                             {"planned_arenas_bytes", plan.arenas.total()},

@@ -110,9 +110,9 @@ def train(args):
     gen = torch.Generator().manual_seed(args.seed + 1)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(args.warmup + args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -120,18 +120,20 @@ def train(args):
         opt.zero_grad(set_to_none=True)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
         losses.append(float(loss.detach()))
     step = statistics.median(times)
     return dict(side="hf-" + args.base, model=args.train, seq=args.seq, micro_batch=args.batch,
                 threads=torch.get_num_threads(), checkpointing=args.checkpointing, steps=args.steps,
-                step_s_median=step, tokens_per_s=args.batch * args.seq / step, peak_rss_bytes=peak_rss_bytes(),
+                step_s_median=step, tokens_per_s=args.batch * args.seq / step,
+                cpu_s_median=statistics.median(cpu_times), peak_rss_bytes=peak_rss_bytes(),
                 loss_first=losses[0], loss_last=losses[-1])
 
 
 def generate(args):
     from llama_cpp import Llama
     llm = Llama(model_path=args.generate, n_threads=args.threads, n_threads_batch=args.threads,
-                n_ctx=8 + args.tokens + 8, n_batch=64, verbose=False)
+                n_ctx=8 + args.tokens + 8, n_batch=8 + args.tokens + 8, logits_all=True, verbose=False)
     vocab = llm.n_vocab()
     prompt = [(i * 7919 + 13) % vocab for i in range(8)]  # the same ids as bench_cpu_engine --generate
     llm.reset()
@@ -178,14 +180,15 @@ def table(path):
             print("fp32 GEMM ceiling: %s %d^3, %d threads: %.1f GFLOP/s" % (r["gemm"], r["size"], r["threads"],
                                                                        r["gflops"]))
     print("CPU MFU = useful GFLOP/s / %.1f (the higher ceiling); useful FLOPs = 4 x linear params x tokens + "
-          "causal attention (hf_baseline.useful_flops_per_token)" % ceiling)
+          "causal attention (hf_baseline.useful_flops_per_token). tokens/CPU-s: per second of the process's CPU "
+          "time (all threads, user + system), steadier than wall time on a shared machine" % ceiling)
     train_rows = [r for r in rows if "step_s_median" in r]
     keys = []
     for r in train_rows:
         if (r["model"], r["seq"]) not in keys:
             keys.append((r["model"], r["seq"]))
-    hdr = ("model", "seq x B", "side", "ckpt", "tokens/s", "peak RSS GiB", "plan GiB", "useful GFLOP/s", "CPU MFU",
-           "qlora tok/s ratio", "qlora RSS ratio")
+    hdr = ("model", "seq x B", "side", "ckpt", "tokens/s", "tokens/CPU-s", "peak RSS GiB", "plan GiB",
+           "useful GFLOP/s", "CPU MFU", "qlora tok/s ratio", "qlora tok/CPU-s ratio", "qlora RSS ratio")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for model, seq in keys:
@@ -198,13 +201,15 @@ def table(path):
             gf = flops * r["tokens_per_s"] / 1e9
             mfu = "%.0f%%" % (100 * gf / ceiling) if ceiling else "n/a"
             plan = "%.2f" % gib(r["planned_bytes"]) if "planned_bytes" in r else ""
-            ratio = rss = ""
+            tokens = seq * r["micro_batch"]
+            ratio = cratio = rss = ""
             if ours is not None and r is not ours:
                 ratio = "%.2fx" % (ours["tokens_per_s"] / r["tokens_per_s"])
+                cratio = "%.2fx" % (r["cpu_s_median"] / ours["cpu_s_median"])
                 rss = "%.2fx" % (ours["peak_rss_bytes"] / r["peak_rss_bytes"])
-            print("| %s | %d x %d | %s | %s | %.1f | %.2f | %s | %.1f | %s | %s | %s |" % (
+            print("| %s | %d x %d | %s | %s | %.1f | %.1f | %.2f | %s | %.1f | %s | %s | %s | %s |" % (
                 model, seq, r["micro_batch"], r["side"], "on" if r["checkpointing"] else "off", r["tokens_per_s"],
-                gib(r["peak_rss_bytes"]), plan, gf, mfu, ratio, rss))
+                tokens / r["cpu_s_median"], gib(r["peak_rss_bytes"]), plan, gf, mfu, ratio, cratio, rss))
     gen = [r for r in rows if "generate" in r]
     if gen:
         print("\nbatch-1 greedy generation (same GGUF, same 8-token prompt)")
