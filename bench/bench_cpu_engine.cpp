@@ -311,14 +311,16 @@ void bench_generate(const std::string& path, int64_t tokens) {
   std::vector<float> logits(static_cast<size_t>(V));
   gen.feed(prompt.data(), int64_t(prompt.size()), logits.data());
   const auto t0 = Clock::now();
+  const double c0 = process_cpu_seconds();
   for (int64_t s = 0; s < tokens; ++s) {
     const int32_t id = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
     gen.feed(&id, 1, logits.data());
   }
-  const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+  const double sec = std::chrono::duration<double>(Clock::now() - t0).count(), cpu = process_cpu_seconds() - c0;
   const nlohmann::json j = {{"side", "qlora"},       {"generate", path},
                             {"tokens", tokens},      {"threads", omp_get_max_threads()},
-                            {"tokens_per_s", double(tokens) / sec}, {"peak_rss_bytes", peak_rss_bytes()}};
+                            {"tokens_per_s", double(tokens) / sec}, {"cpu_s", cpu},
+                            {"peak_rss_bytes", peak_rss_bytes()}};
   std::printf("%s\n", j.dump().c_str());
 }
 

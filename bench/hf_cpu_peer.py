@@ -138,13 +138,13 @@ def generate(args):
     prompt = [(i * 7919 + 13) % vocab for i in range(8)]  # the same ids as bench_cpu_engine --generate
     llm.reset()
     llm.eval(prompt)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(args.tokens):
         logits = llm.scores[llm.n_tokens - 1]
         llm.eval([int(logits.argmax())])
-    sec = time.perf_counter() - t
+    sec, cpu = time.perf_counter() - t, time.process_time() - c
     return dict(side="llama.cpp", generate=args.generate, tokens=args.tokens, threads=args.threads,
-                tokens_per_s=args.tokens / sec, peak_rss_bytes=peak_rss_bytes())
+                tokens_per_s=args.tokens / sec, cpu_s=cpu, peak_rss_bytes=peak_rss_bytes())
 
 
 def gemm_ceiling(args):
@@ -213,14 +213,18 @@ def table(path):
     gen = [r for r in rows if "generate" in r]
     if gen:
         print("\nbatch-1 greedy generation (same GGUF, same 8-token prompt)")
-        print("| file | side | threads | tokens | tokens/s | peak RSS GiB | qlora / llama.cpp |")
-        print("|---|---|---|---|---|---|---|")
+        print("| file | side | threads | tokens | tokens/s | tokens/CPU-s | peak RSS GiB | qlora / llama.cpp tok/s |"
+              " tok/CPU-s |")
+        print("|---|---|---|---|---|---|---|---|---|")
         ours = next((r for r in gen if r["side"] == "qlora"), None)
         for r in gen:
-            ratio = ("%.2fx" % (ours["tokens_per_s"] / r["tokens_per_s"])
-                     if ours is not None and r is not ours else "")
-            print("| %s | %s | %d | %d | %.1f | %.2f | %s |" % (os.path.basename(r["generate"]), r["side"],
-                  r["threads"], r["tokens"], r["tokens_per_s"], gib(r["peak_rss_bytes"]), ratio))
+            ratio = cratio = ""
+            if ours is not None and r is not ours:
+                ratio = "%.2fx" % (ours["tokens_per_s"] / r["tokens_per_s"])
+                cratio = "%.2fx" % (r["cpu_s"] / ours["cpu_s"])
+            print("| %s | %s | %d | %d | %.1f | %.1f | %.2f | %s | %s |" % (
+                os.path.basename(r["generate"]), r["side"], r["threads"], r["tokens"], r["tokens_per_s"],
+                r["tokens"] / r["cpu_s"], gib(r["peak_rss_bytes"]), ratio, cratio))
 
 
 def main():
