@@ -330,14 +330,19 @@ void bench_gemm_ceiling(int64_t size) {
   const int n = int(size);
   const auto a = randn(size * size, 1, 1.0f), b = randn(size * size, 2, 1.0f);
   std::vector<float> c(size_t(size * size));
+  double best_cpu = 1e30;
   const double s = best_seconds(
       [&] {
+        const double c0 = process_cpu_seconds();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f,
                     c.data(), n);
+        best_cpu = std::min(best_cpu, process_cpu_seconds() - c0);
       },
       5);
+  const double flop = 2.0 * double(size) * size * size;
   const nlohmann::json j = {{"side", "qlora"}, {"gemm", "openblas sgemm"}, {"size", size},
-                            {"threads", omp_get_max_threads()}, {"gflops", 2.0 * double(size) * size * size / s / 1e9}};
+                            {"threads", omp_get_max_threads()}, {"gflops", flop / s / 1e9},
+                            {"gflop_per_cpu_s", flop / best_cpu / 1e9}};
   std::printf("%s\n", j.dump().c_str());
 }
 
