@@ -1,6 +1,8 @@
 // Nothing half-written: outputs are written under a temporary name beside
 // their destination and renamed into place only when complete. Destroying an
-// uncommitted AtomicFile or AtomicDir removes what it wrote.
+// uncommitted AtomicFile or AtomicDir removes what it wrote; what a killed
+// process left ("<dest>.tmp-<pid>-<n>", pid dead) is removed by the next
+// AtomicFile/AtomicDir of the same destination (remove_stale_temporaries).
 #pragma once
 
 #include <cstddef>
@@ -63,6 +65,12 @@ class AtomicDir {
   bool replace_;
   bool committed_ = false;
 };
+
+// Removes the leftovers of atomic writes that were killed (SIGKILL, power
+// loss): entries of dir named "<prefix>*.tmp-<pid>-<n>" whose process no
+// longer exists. A live process's temporaries are left alone (it may still
+// commit them). Best effort: errors are ignored.
+void remove_stale_temporaries(const std::filesystem::path& dir, std::string_view prefix = "");
 
 // A fresh unique sibling name for dest ("<dest>.tmp-<pid>-<counter>").
 std::filesystem::path temp_sibling(const std::filesystem::path& dest);

@@ -369,8 +369,9 @@ ReadResult read_dataset(const std::filesystem::path& file, const ReadOptions& o)
   } else if (doc.contains(key_field(o))) {
     col.record(name, [&] { return record_to_sample(doc, o); });
   } else {
-    for (const auto& [key, rec] : doc.items())
-      col.record(str(name, "[", key, "]"), [&] { return record_to_sample(rec, o); });
+    // Not a structured binding: clang 14 cannot capture one in a lambda.
+    for (const auto& item : doc.items())
+      col.record(str(name, "[", item.key(), "]"), [&] { return record_to_sample(item.value(), o); });
   }
   if (r.samples.empty() && r.skipped == 0) fail("dataset ", name, ": no records");
   return r;

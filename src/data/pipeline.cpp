@@ -2,6 +2,7 @@
 
 #include <cstdio>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 #include "data/prepare.h"
 #include "data/token_cache.h"
@@ -59,6 +60,7 @@ Tokenized cached(const Tokenizer& tok, const ChatTemplate& tmpl, const std::vect
     std::error_code ec;
     fs::create_directories(*spec.cache_dir, ec);
     if (ec) fail(spec.cache_dir->string(), ": cannot create the cache folder: ", ec.message());
+    remove_stale_temporaries(*spec.cache_dir);  // cache files of runs killed while writing them
     save_tokenized(*file, key, t.samples);
   }
   return t;

@@ -1,10 +1,6 @@
 #include "train/checkpoint.h"
 
-#include <signal.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -63,7 +59,27 @@ std::optional<double> optional_from(const nlohmann::json& j, const char* key) {
   return j.at(key).get<double>();
 }
 
-std::string state_json(const TrainState& s, const Optimizer& opt) {
+// The files of a checkpoint besides state.json, which records their sizes
+// and digests ("checksums") and a digest of itself ("state_digest").
+constexpr const char* kChecksummedFiles[] = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                                             kOptimizerFile};
+
+std::string file_digest(const fs::path& p) {
+  ContentHash h;
+  h.add_file(p);
+  return h.hex();
+}
+
+// The digest of state.json's content without its "state_digest" key (keys
+// are sorted and numbers round-trip, so parse + dump reproduces the text hashed).
+std::string state_digest(nlohmann::json j) {
+  j.erase("state_digest");
+  ContentHash h;
+  h.add(j.dump());
+  return h.hex();
+}
+
+std::string state_json(const TrainState& s, const Optimizer& opt, const fs::path& dir) {
   nlohmann::json j;
   j["format_version"] = kCheckpointFormatVersion;
   j["step"] = s.step;
@@ -80,6 +96,11 @@ std::string state_json(const TrainState& s, const Optimizer& opt) {
   j["base_fingerprint"] = s.base_fingerprint;
   j["optimizer"] = optimizer_kind_name(opt.config().kind);
   j["qlora_version"] = qlora_version();
+  nlohmann::json sums = nlohmann::json::object();
+  for (const char* f : kChecksummedFiles)
+    sums[f] = {{"bytes", fs::file_size(dir / f)}, {"digest", file_digest(dir / f)}};
+  j["checksums"] = sums;
+  j["state_digest"] = state_digest(j);
   return j.dump(2) + "\n";
 }
 
@@ -93,21 +114,6 @@ void write_optimizer_state(const fs::path& file, Optimizer& opt) {
   SafetensorsWriter w(file, specs, metadata);
   for (const auto& t : state) w.write(t.data, t.n * sizeof(float));
   w.commit();
-}
-
-// Leftover temporary folders ("step-N.tmp-<pid>-<n>") of processes that no
-// longer exist: an interrupted write that will never be finished.
-void remove_dead_temporaries(const fs::path& ckdir) {
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(ckdir, ec)) {
-    const std::string name = e.path().filename().string();
-    const size_t at = name.find(".tmp-");
-    if (name.rfind(kStepPrefix, 0) != 0 || at == std::string::npos) continue;
-    const long pid = std::strtol(name.c_str() + at + 5, nullptr, 10);
-    if (pid <= 0 || pid == long(::getpid())) continue;
-    if (::kill(pid_t(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
-    fs::remove_all(e.path(), ec);
-  }
 }
 
 void prune(const fs::path& output_dir, int64_t new_step, int64_t keep_last) {
@@ -126,21 +132,46 @@ void prune(const fs::path& output_dir, int64_t new_step, int64_t keep_last) {
     }
     fs::remove_all(it->second, ec);  // best effort: the new checkpoint is already safe
   }
-  remove_dead_temporaries(checkpoints_dir(output_dir));
+  remove_stale_temporaries(checkpoints_dir(output_dir), kStepPrefix);
 }
 
-bool is_valid_checkpoint(const fs::path& dir, int64_t step) {
+// What is wrong with a checkpoint folder; nullopt when it is valid. The
+// sizes recorded in state.json are always checked (cheap: catches a
+// truncated file); with `digests`, every file's content too (what resume does).
+std::optional<std::string> checkpoint_problem(const fs::path& dir, int64_t step, bool digests) {
   try {
     const TrainState s = read_train_state(dir);
-    if (s.step != step) return false;
+    if (s.step != step) return str("state.json says step ", s.step);
+    std::ifstream sf(dir / kStateFile);
+    const nlohmann::json j = nlohmann::json::parse(sf);
+    if (j.contains("checksums")) {  // written by every qlora since checksums came (docs/reliability.md)
+      if (!j.contains("state_digest") || j.at("state_digest") != state_digest(j))
+        return std::string("state.json does not match its digest (edited or damaged)");
+      for (const char* f : kChecksummedFiles) {
+        const auto& c = j.at("checksums").at(f);
+        std::error_code ec;
+        const uint64_t size = fs::file_size(dir / f, ec);
+        if (ec) return str(f, ": ", ec.message());
+        if (size != c.at("bytes").get<uint64_t>())
+          return str(f, " has ", size, " bytes, state.json recorded ", c.at("bytes").get<uint64_t>(),
+                     " (truncated or replaced)");
+        if (digests && file_digest(dir / f) != c.at("digest").get<std::string>())
+          return str(f, " does not match its checksum (damaged or altered)");
+      }
+    }
     const SafetensorsFile opt(dir / kOptimizerFile);
     const SafetensorsFile adapter(dir / kAdapterDir / "adapter_model.safetensors");
     std::ifstream f(dir / kAdapterDir / "adapter_config.json");
-    if (!f) return false;
-    return nlohmann::json::accept(f);
-  } catch (const std::exception&) {
-    return false;
+    if (!f) return std::string("adapter/adapter_config.json is missing");
+    if (!nlohmann::json::accept(f)) return std::string("adapter/adapter_config.json is not valid JSON");
+    return std::nullopt;
+  } catch (const std::exception& e) {
+    return std::string(e.what());
   }
+}
+
+bool is_valid_checkpoint(const fs::path& dir, int64_t step) {
+  return !checkpoint_problem(dir, step, /*digests=*/false);
 }
 
 }  // namespace
@@ -169,7 +200,7 @@ fs::path save_checkpoint(const fs::path& output_dir, const TrainState& state, co
     AtomicDir out(dir, /*replace=*/true);
     save_peft_adapter(lora, cfg, out.path() / kAdapterDir, base_model_name, state.base_fingerprint);
     write_optimizer_state(out.path() / kOptimizerFile, opt);
-    write_file_atomic(out.path() / kStateFile, state_json(state, opt));
+    write_file_atomic(out.path() / kStateFile, state_json(state, opt, out.path()));
     out.commit();
   } catch (const std::exception& e) {
     fail("cannot save checkpoint ", dir.string(), ": ", e.what(),
@@ -192,6 +223,20 @@ std::optional<fs::path> latest_checkpoint(const fs::path& output_dir) {
   for (auto it = folders.rbegin(); it != folders.rend(); ++it)
     if (is_valid_checkpoint(it->second, it->first)) return it->second;
   return std::nullopt;
+}
+
+ResumePoint find_resume_checkpoint(const fs::path& output_dir) {
+  ResumePoint r;
+  const auto folders = step_folders(output_dir);
+  for (auto it = folders.rbegin(); it != folders.rend(); ++it) {
+    const auto problem = checkpoint_problem(it->second, it->first, /*digests=*/true);
+    if (!problem) {
+      r.checkpoint = it->second;
+      return r;
+    }
+    r.skipped.push_back(str("checkpoint ", it->second.string(), " is damaged (", *problem, "): skipped"));
+  }
+  return r;
 }
 
 TrainState read_train_state(const fs::path& ckpt) {

@@ -4,12 +4,16 @@
 //     adapter/                 the PEFT adapter (save_peft_adapter)
 //     optimizer.safetensors    Optimizer::state() as F32 tensors; metadata:
 //                              optimizer kind, steps, n_params
-//     state.json               TrainState + format_version
+//     state.json               TrainState + format_version, the sizes and
+//                              digests of the other files ("checksums") and
+//                              its own digest ("state_digest")
 //
 // A checkpoint folder is built under a temporary name and renamed into place
 // (AtomicDir), so a crash or a full disk mid-write leaves the earlier
 // checkpoints as they were; a folder that does not validate (an interrupted
-// copy, a hand-edited state.json) is skipped by latest_checkpoint.
+// copy, a hand-edited state.json) is skipped by latest_checkpoint. A resume
+// also checks every file against its digest (find_resume_checkpoint) and
+// falls back to the previous valid checkpoint, saying why.
 #pragma once
 
 #include <cstdint>
@@ -62,12 +66,23 @@ std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir, c
                                       const std::string& base_model_name, int64_t keep_last);
 
 // The valid checkpoint folders under output_dir, oldest first: a step-N
-// name, state.json that parses with this format version and step N, the
-// adapter files and optimizer.safetensors present with valid headers.
+// name, state.json that parses with this format version and step N and
+// matches its digest, the adapter files and optimizer.safetensors present
+// with valid headers and the sizes state.json recorded (contents are
+// checked against their digests only by find_resume_checkpoint).
 // Temporary folders and anything else are ignored.
 std::vector<std::filesystem::path> list_checkpoints(const std::filesystem::path& output_dir);
 // The newest of them; nullopt if there is none.
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& output_dir);
+
+// Where --resume continues: the newest checkpoint whose files all match the
+// sizes and digests in its state.json (a truncated, altered or half-copied
+// one is passed over), and a line per newer folder passed over, saying why.
+struct ResumePoint {
+  std::optional<std::filesystem::path> checkpoint;
+  std::vector<std::string> skipped;
+};
+ResumePoint find_resume_checkpoint(const std::filesystem::path& output_dir);
 
 // Reads <ckpt>/state.json (cheap: check compatibility before loading weights).
 TrainState read_train_state(const std::filesystem::path& ckpt);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "core/atomic_file.h"
 #include "core/cache_dir.h"
 #include "core/error.h"
 #include "core/progress.h"
@@ -24,6 +25,13 @@ void prepare_output_dir(const fs::path& dir, bool resume, bool overwrite) {
   std::error_code ec;
   const bool exists = fs::exists(dir, ec);
   if (exists && !fs::is_directory(dir)) fail("output.dir ", dir.string(), " exists and is not a folder");
+  // What a killed run left half-written ("<name>.tmp-<pid>-<n>" of a dead
+  // process) goes first: it would otherwise make a run killed before its
+  // first save look like a foreign folder.
+  if (exists) {
+    remove_stale_temporaries(dir);
+    remove_stale_temporaries(checkpoints_dir(dir));
+  }
   const bool empty = !exists || fs::is_empty(dir, ec);
   if (!empty) {
     if (!fs::exists(dir / "recipe.yaml"))
@@ -74,7 +82,9 @@ RunSetup open_run(const Recipe& r, bool resume, bool overwrite, std::FILE* out) 
   if (resume) {
     // Checked before anything in the folder changes: a refused resume
     // leaves the run as it was.
-    s.resume_from = latest_checkpoint(s.output_dir);
+    const ResumePoint point = find_resume_checkpoint(s.output_dir);
+    for (const auto& line : point.skipped) std::fprintf(out, "%s\n", line.c_str());
+    s.resume_from = point.checkpoint;
     if (s.resume_from)
       check_resume_compatible(read_train_state(*s.resume_from), recipe_training_hash(r), s.fingerprint);
     else
