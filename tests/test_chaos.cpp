@@ -252,6 +252,36 @@ TEST(Chaos, ADamagedNewestCheckpointIsDetectedAndResumeFallsBack) {
   EXPECT_NE(r.output.find("resuming from " + previous.string()), std::string::npos) << r.output;
 }
 
+// A second SIGTERM while the first is being honoured (the step finishing,
+// the checkpoint being written) ends the run at once, by the signal's default
+// action: a stuck run can always be stopped.
+TEST(Chaos, ASecondSigtermEndsTheRunAtOnce) {
+  ScratchDir d;
+  const fs::path log = d / "log";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setenv("QLORA_CACHE", (d / "cache").c_str(), 1);
+    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    const std::string out = "output.dir=" + (d / "run").string(), recipe = kDemo.string();
+    ::execl(QLORA_BINARY, QLORA_BINARY, "run", recipe.c_str(), out.c_str(), "data.cache=false", "--no-samples",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Into the step loop: the demo's first log line comes after step 5.
+  for (int i = 0; i < 6000 && read_bytes(log).find("step") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ::kill(pid, SIGTERM);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  const std::string text = read_bytes(log);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << "status " << status << "\n" << text;
+  EXPECT_EQ(text.find("interrupted after step"), std::string::npos) << text;
+}
+
 TEST(Chaos, TemporariesOfDeadProcessesAreRemovedOthersKept) {
   ScratchDir d;
   const pid_t child = ::fork();
