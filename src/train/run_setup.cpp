@@ -47,6 +47,13 @@ void prepare_output_dir(const fs::path& dir, bool resume, bool overwrite) {
   }
   fs::create_directories(dir, ec);
   if (ec) fail("output.dir ", dir.string(), ": cannot create: ", ec.message());
+  // A folder we cannot write into (read-only mount, another user's) is
+  // refused now, not after the model and data have loaded.
+  try {
+    AtomicFile probe(dir / ".qlora-write-test");
+  } catch (const Error& e) {
+    fail("output.dir ", dir.string(), " is not writable (", e.what(), "); choose another output.dir");
+  }
 }
 
 }  // namespace
