@@ -14,6 +14,7 @@ packages=(
   libcpp-httplib-dev
   curl
   clang-format
+  clang libclang-rt-dev libomp-dev  # the sanitizer and fuzzing build (scripts/sanitize.sh, scripts/fuzz.sh)
 )
 
 missing=()

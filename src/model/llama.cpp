@@ -27,7 +27,7 @@ ops::RopeParams rope_params(const ModelConfig& c) {
 }
 
 LlamaModel::LlamaModel(const LlamaWeights& w, LoraWeights* lora, int64_t max_B, int64_t max_T, LlamaRunOptions opt)
-    : w_(w), lora_(lora), cfg_(w.cfg), opt_(opt), max_N_(max_B * max_T), max_B_(max_B), max_T_(max_T) {
+    : w_(w), lora_(lora), cfg_(w.cfg), opt_(opt), max_B_(max_B), max_T_(max_T) {
   if (max_B <= 0 || max_T <= 0) fail("batch shape must be positive, got B=", max_B, " T=", max_T);
   if (max_T > cfg_.max_position_embeddings)
     fail("sequence length ", max_T, " exceeds the model's max_position_embeddings ", cfg_.max_position_embeddings);

@@ -127,7 +127,7 @@ class LlamaModel : public TrainableModel, private LlamaActivationViews {
   LoraWeights* lora_;
   ModelConfig cfg_;
   LlamaRunOptions opt_;
-  int64_t max_N_, max_B_, max_T_;
+  int64_t max_B_, max_T_;
   int64_t B_ = 0, T_ = 0, N_ = 0, n_targets_ = 0;
   float grad_scale_ = 0.0f;
   uint64_t step_ = 0;
