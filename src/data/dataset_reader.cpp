@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "core/mapped_file.h"
 
 namespace qlora {
 
@@ -196,7 +197,7 @@ const std::string& key_field(const ReadOptions& o) {
   return f.text;
 }
 
-size_t line_of_offset(const std::string& bytes, size_t offset) {
+size_t line_of_offset(std::string_view bytes, size_t offset) {
   size_t line = 1;
   for (size_t i = 0; i < offset && i < bytes.size(); ++i) line += bytes[i] == '\n';
   return line;
@@ -229,7 +230,11 @@ class Collector {
   ReadResult& result_;
 };
 
-void read_jsonl(const std::string& bytes, const std::string& name, const ReadOptions& o, ReadResult& r) {
+// The longest JSONL record read: a line longer than this (a file that is not
+// JSONL, a runaway export) is a bad record, not gigabytes of parser memory.
+constexpr size_t kMaxRecordBytes = size_t(64) << 20;
+
+void read_jsonl(std::string_view bytes, const std::string& name, const ReadOptions& o, ReadResult& r) {
   Collector col(o, r);
   size_t pos = 0, line = 0;
   while (pos < bytes.size()) {
@@ -241,6 +246,8 @@ void read_jsonl(const std::string& bytes, const std::string& name, const ReadOpt
     if (!text.empty() && text.back() == '\r') text.remove_suffix(1);
     if (text.find_first_not_of(" \t") == std::string_view::npos) continue;  // blank lines are not records
     col.record(str(name, ":", line), [&] {
+      if (text.size() > kMaxRecordBytes)
+        fail("the line is ", text.size(), " bytes; a record may have at most ", kMaxRecordBytes >> 20, " MiB");
       size_t bad = 0;
       if (!valid_utf8(text, &bad)) fail("invalid UTF-8 at byte ", bad + 1, " of the line");
       json j;
@@ -332,12 +339,10 @@ Sample record_to_sample(const json& rec, const ReadOptions& o) {
 
 ReadResult read_dataset(const std::filesystem::path& file, const ReadOptions& o) {
   const std::string name = file.string();
-  std::ifstream in(file, std::ios::binary);
-  if (!in) fail("dataset ", name, ": cannot open");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) fail("dataset ", name, ": read error");
-  const std::string bytes = ss.str();
+  if (!std::ifstream(file, std::ios::binary)) fail("dataset ", name, ": cannot open");
+  // Mapped, not copied: a large file costs page cache, not a second copy.
+  const MappedFile map(file);
+  const std::string_view bytes(reinterpret_cast<const char*>(map.bytes().data()), map.size());
 
   ReadResult r;
   const std::string ext = file.extension().string();
@@ -348,7 +353,13 @@ ReadResult read_dataset(const std::filesystem::path& file, const ReadOptions& o)
     if (r.samples.empty() && r.skipped == 0) fail("dataset ", name, ": no records");
     return r;
   }
-  // One JSON document. Invalid UTF-8 makes the whole document unreadable, so
+  // One JSON document, parsed whole (its tree takes several times the file's
+  // size): past 1 GiB that is refused in favour of JSONL, read line by line.
+  constexpr size_t kMaxDocumentBytes = size_t(1) << 30;
+  if (bytes.size() > kMaxDocumentBytes)
+    fail("dataset ", name, ": a JSON document of ", bytes.size() >> 20,
+         " MiB; files over 1 GiB must be JSONL (one record a line, named *.jsonl)");
+  // Invalid UTF-8 makes the whole document unreadable, so
   // it is reported, with its line, before parsing.
   size_t bad = 0;
   if (!valid_utf8(bytes, &bad)) fail(name, ":", line_of_offset(bytes, bad), ": invalid UTF-8");

@@ -569,6 +569,15 @@ void resolve_paths(Recipe& r, const std::filesystem::path& base) {
 Recipe parse_recipe(const std::string& yaml, const std::string& name, const std::filesystem::path& base_dir,
                     const std::vector<std::string>& overrides) {
   Source src{name, {}};
+  // YAML is UTF-8; yaml-cpp reads other bytes but writes them back changed,
+  // so the recipe.yaml stored in the run folder would name another file
+  // (found by fuzz/fuzz_recipe).
+  size_t bad = 0;
+  if (!valid_utf8(yaml, &bad))
+    fail(name, ":", std::count(yaml.begin(), yaml.begin() + std::ptrdiff_t(bad), '\n') + 1,
+         ": invalid UTF-8 (a recipe is UTF-8 text)");
+  for (const auto& o : overrides)
+    if (!valid_utf8(o)) fail("override ", o, ": invalid UTF-8");
   Node root;
   try {
     const std::vector<Node> docs = YAML::LoadAll(yaml);

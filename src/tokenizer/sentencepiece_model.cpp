@@ -22,7 +22,14 @@ class SpmTokenizer final : public Tokenizer {
   // `source` names it in errors.
   SpmTokenizer(const std::string& model, bool from_bytes, const std::string& source, TokenizerConfig cfg)
       : cfg_(std::move(cfg)) {
-    const auto st = from_bytes ? sp_.LoadFromSerializedProto(model) : sp_.Load(model);
+    sentencepiece::util::Status st;
+    try {
+      st = from_bytes ? sp_.LoadFromSerializedProto(model) : sp_.Load(model);
+    } catch (const std::exception& e) {
+      // The library throws on some malformed models (an empty piece makes its
+      // trie builder throw "zero-length key"; found by fuzz/fuzz_sentencepiece).
+      fail(source, ": cannot load SentencePiece model: ", e.what());
+    }
     if (!st.ok()) fail(source, ": cannot load SentencePiece model: ", st.ToString());
     for (int id = 0; id < sp_.GetPieceSize(); ++id) {
       if (!sp_.IsControl(id) && !sp_.IsUnknown(id)) continue;
