@@ -51,6 +51,16 @@ namespace {
 // A JSON value as it should appear in an error message; long values (a whole
 // object by mistake) are cut so the message stays one readable line.
 std::string show(const json& v) {
+  // dump() recurses: a value nested thousands deep (a hostile file) would
+  // overflow the stack, so only shallow values are printed.
+  std::vector<std::pair<const json*, int>> todo{{&v, 0}};
+  while (!todo.empty()) {
+    const auto [x, depth] = todo.back();
+    todo.pop_back();
+    if (depth > 32) return v.is_array() ? "[...]" : "{...}";
+    if (x->is_structured())
+      for (const auto& child : *x) todo.emplace_back(&child, depth + 1);
+  }
   std::string s = v.dump();
   constexpr size_t kMax = 60;
   if (s.size() > kMax) s = s.substr(0, kMax) + "...";
