@@ -24,7 +24,8 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-all=$(sed -n '/^set(QLORA_FUZZ_TARGETS$/,/)/p' fuzz/CMakeLists.txt | tr -d '()' | sed 's/set QLORA_FUZZ_TARGETS//')
+# The target list is fuzz/CMakeLists.txt's QLORA_FUZZ_TARGETS.
+all=$(sed -n '/^set(QLORA_FUZZ_TARGETS$/,/)/p' fuzz/CMakeLists.txt | sed 1d | tr -d ')')
 if [ ${#targets[@]} -eq 0 ]; then read -r -a targets <<<"$(echo $all)"; fi
 for t in "${targets[@]}"; do
   case " $(echo $all) " in *" $t "*) ;; *) echo "fuzz.sh: unknown target $t (targets: $(echo $all))" >&2; exit 2 ;; esac

@@ -253,7 +253,7 @@ void read_jsonl(std::string_view bytes, const std::string& name, const ReadOptio
       json j;
       try {
         j = json::parse(text);
-      } catch (const json::parse_error& e) {
+      } catch (const json::exception& e) {  // parse_error, or out_of_range for "1e999"
         fail("malformed JSON: ", e.what());
       }
       return record_to_sample(j, o);
@@ -373,6 +373,10 @@ ReadResult read_dataset(const std::filesystem::path& file, const ReadOptions& o)
       return r;
     }
     fail(name, ":", line_of_offset(bytes, e.byte == 0 ? 0 : e.byte - 1), ": malformed JSON: ", e.what());
+  } catch (const json::exception& e) {
+    // A number too large for a double ("1e999") is out_of_range, not a
+    // parse_error (found by fuzz/fuzz_dataset).
+    fail(name, ": malformed JSON: ", e.what());
   }
   Collector col(o, r);
   if (doc.is_array()) {

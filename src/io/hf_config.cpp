@@ -413,7 +413,7 @@ ModelConfig load_model_config(const std::filesystem::path& dir_or_file) {
   json j;
   try {
     j = json::parse(text.str());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     fail(file.string(), ": invalid JSON: ", e.what());
   }
   return parse_model_config(j, file.string());

@@ -20,6 +20,36 @@
 #include "recipe/recipe_schema.h"
 
 namespace qlora {
+
+namespace {
+
+// The line (1-based) of a document whose first token is ',', or 0. yaml-cpp
+// 0.7 loops forever, allocating, on such a document (",a:" alone does it;
+// found by fuzz/fuzz_recipe), so it is refused before yaml-cpp sees it. A
+// document starts at the top, after a "---" line (the rest of that line
+// included) and after a "..." line.
+size_t comma_starting_a_document(const std::string& yaml) {
+  bool at_start = true;
+  size_t line_no = 0;
+  std::istringstream in(yaml);
+  for (std::string line; std::getline(in, line);) {
+    ++line_no;
+    std::string_view rest = line;
+    if (rest.rfind("---", 0) == 0 || rest.rfind("...", 0) == 0) {
+      at_start = true;
+      rest.remove_prefix(3);
+    }
+    const size_t first = rest.find_first_not_of(" \t\r");
+    if (first == std::string_view::npos || rest[first] == '#') continue;
+    if (at_start && rest[first] == '%') continue;  // a directive
+    if (at_start && rest[first] == ',') return line_no;
+    at_start = false;
+  }
+  return 0;
+}
+
+}  // namespace
+
 namespace {
 
 namespace schema = recipe_schema;
@@ -256,6 +286,8 @@ void apply_override(Source& src, Node& root, const std::string& text) {
   if (parts.size() > 3) fail(where, ": '", path, "' is not a key path like train.lr");
 
   Node value;
+  if (comma_starting_a_document(text.substr(eq + 1)))
+    fail(where, ": invalid YAML value: it cannot start with ','");
   try {
     value = YAML::Load(text.substr(eq + 1));
   } catch (const YAML::Exception& e) {
@@ -578,6 +610,8 @@ Recipe parse_recipe(const std::string& yaml, const std::string& name, const std:
          ": invalid UTF-8 (a recipe is UTF-8 text)");
   for (const auto& o : overrides)
     if (!valid_utf8(o)) fail("override ", o, ": invalid UTF-8");
+  if (const size_t line = comma_starting_a_document(yaml))
+    fail(name, ":", line, ": invalid YAML: a document cannot start with ','");
   Node root;
   try {
     const std::vector<Node> docs = YAML::LoadAll(yaml);
