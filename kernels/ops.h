@@ -93,6 +93,34 @@ void lora_forward(float* out, float* h, const float* xd, const float* A, const f
 void lora_backward(float* dinp, float* dA, float* dB, float* dh, const float* dout, const float* h, const float* xd,
                    const float* A, const float* B, float scale, int64_t N, int64_t IN, int64_t OUT, int64_t R);
 
+// ---- DoRA (weight-decomposed LoRA, as PEFT 0.22's DoraLinearLayer) ----------
+// With W the (dequantized) base, s the LoRA scale and m (OUT) the magnitude:
+//   wnorm_j = || W_j + s (B A)_j ||_2   (row j of W + s B A; PEFT's norm over
+//                                        dim 1; detached: no gradient flows
+//                                        through it, as PEFT detaches it)
+//   g_j     = m_j / wnorm_j
+//   out    += (g - 1) * base + g * lora  (PEFT's result_dora, added to the base
+//                                        layer's result)
+// with base = xd W^T (no bias) and lora = s xd A^T B^T, xd the dropped-out
+// input (PEFT: with dropout off or in evaluation, base is the base layer's
+// own result minus its bias).
+//
+// wnorm (OUT) = the row norms, computed in panels of kDoraPanelRows rows of
+// W + s B A in `panel` (kDoraPanelRows x IN floats); sums of squares in double.
+inline constexpr int64_t kDoraPanelRows = 64;
+void dora_weight_norm(float* wnorm, float* panel, const LinearWeight& w, const float* A, const float* B,
+                      float scale, int64_t R);
+// out (N,OUT) += (g - 1) * base + g * lora; base, lora are (N,OUT); m, wnorm (OUT).
+void dora_forward(float* out, const float* base, const float* lora, const float* m, const float* wnorm, int64_t N,
+                  int64_t OUT);
+// For out += (g - 1) * base + g * lora with wnorm constant:
+// dm (OUT) += sum_i dout_ij (base_ij + lora_ij) / wnorm_j   (parameter: accumulates)
+// dbase (N,OUT) = dout * (g - 1), dlora (N,OUT) = dout * g   (assigned)
+// dbase may be null (its gradient is folded elsewhere by the caller); dbase
+// may alias base and dlora lora (in place).
+void dora_backward(float* dbase, float* dlora, float* dm, const float* dout, const float* base, const float* lora,
+                   const float* m, const float* wnorm, int64_t N, int64_t OUT);
+
 // ---- dropout (counter-based, so it needs no saved mask) -----------------------
 // out = inp * keep / (1-p) with keep decided by a hash of (seed, index): a
 // recomputation (activation checkpointing, backward) sees the same mask.

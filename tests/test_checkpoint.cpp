@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -120,6 +121,41 @@ TEST(Checkpoint, RoundTripIsBitIdentical) {
     b.step(7);
     EXPECT_EQ(std::memcmp(b.lora.flat_params(), a.lora.flat_params(), a.num_values() * sizeof(float)), 0);
   }
+}
+
+// LoRA+ and DoRA: the magnitudes travel with the adapter, the ratio with the
+// optimizer state; continuing is continuing (bit for bit), and a run with
+// another ratio is refused naming it.
+TEST(Checkpoint, LoraPlusRatioAndDoraMagnitudesRoundTrip) {
+  const ModelConfig cfg = testing::tiny_gqa_config(2);
+  LoraConfig lc = lora_config(4);
+  lc.dora = true;
+  OptimizerConfig oc = TrainRun::make_opt(OptimizerKind::adamw);
+  oc.plus_lr_ratio = 16.0;
+  auto make = [&](unsigned seed, const OptimizerConfig& c) {
+    auto lora = std::make_unique<LoraWeights>(testing::random_lora(cfg, lc, seed, 0.1f));
+    auto opt = std::make_unique<Optimizer>(c, lora->flat_size(), lora->plus_ranges());
+    const auto g = testing::randn(int64_t(lora->flat_size()), seed + 50, 0.1f);
+    for (size_t i = 0; i < g.size(); ++i) lora->flat_grads()[i] = lora->flat_params()[i] != 0.0f ? g[i] : 0.0f;
+    opt->step(lora->flat_params(), lora->flat_grads(), 1e-2);
+    return std::make_pair(std::move(lora), std::move(opt));
+  };
+  testing::ScratchDir out;
+  auto [la, oa] = make(1, oc);
+  TrainState st;
+  st.step = 1;
+  const fs::path ckpt = save_checkpoint(out.path(), st, *la, cfg, *oa, "base", 1);
+  auto [lb, ob] = make(2, oc);
+  load_checkpoint(ckpt, *lb, *ob, cfg);
+  EXPECT_EQ(std::memcmp(lb->flat_params(), la->flat_params(), la->flat_size() * sizeof(float)), 0);
+  oa->step(la->flat_params(), la->flat_grads(), 1e-2);
+  ob->step(lb->flat_params(), la->flat_grads(), 1e-2);
+  EXPECT_EQ(std::memcmp(lb->flat_params(), la->flat_params(), la->flat_size() * sizeof(float)), 0);
+  OptimizerConfig other = oc;
+  other.plus_lr_ratio = 1.0;
+  auto [lc2, oc2] = make(3, other);
+  const std::string e = testing::error_of([&] { load_checkpoint(ckpt, *lc2, *oc2, cfg); });
+  EXPECT_NE(e.find("trained with lora.plus_lr_ratio 16, this run uses 1"), std::string::npos) << e;
 }
 
 // Plain SGD has no state: optimizer.safetensors holds metadata only.

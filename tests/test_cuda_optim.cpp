@@ -69,8 +69,21 @@ std::string describe(const OptimCase& c) {
   std::ostringstream os;
   os << optimizer_kind_name(c.cfg.kind) << " wd " << c.cfg.weight_decay;
   if (c.cfg.kind == OptimizerKind::sgd) os << " momentum " << c.cfg.momentum;
+  if (c.cfg.plus_lr_ratio != 1.0) os << " LoRA+ ratio " << c.cfg.plus_lr_ratio;
   os << " n " << c.n << " page " << c.page << " steps " << c.steps;
   return os.str();
+}
+
+// LoRA+ ranges of a case: [50k + 10, 50k + 30) clipped to n, so ranges start
+// and end inside pages of every size above and straddle page edges.
+std::vector<FlatRange> plus_ranges_for(const OptimCase& c) {
+  std::vector<FlatRange> r;
+  if (c.cfg.plus_lr_ratio == 1.0) return r;
+  for (int64_t b = 10; b < c.n; b += 50) r.push_back({size_t(b), size_t(std::min(c.n, b + 20))});
+  return r;
+}
+bool in_plus(const OptimCase& c, size_t i) {
+  return c.cfg.plus_lr_ratio != 1.0 && i % 50 >= 10 && i % 50 < 30;
 }
 
 // n = 1 and 7 (under a warp; 7 in one page of INT64_MAX params, whose page
@@ -81,7 +94,7 @@ std::vector<OptimCase> optim_cases() {
     int64_t n, page;
   };
   const Size sizes[] = {{1, int64_t(1) << 20}, {7, INT64_MAX}, {197, 64}, {1000, 128}, {70001, 16384}};
-  std::vector<OptimizerConfig> cfgs(4);
+  std::vector<OptimizerConfig> cfgs(6);
   cfgs[0].kind = OptimizerKind::adamw;
   cfgs[1].kind = OptimizerKind::paged_adamw;
   cfgs[1].weight_decay = 0.01;
@@ -89,6 +102,11 @@ std::vector<OptimCase> optim_cases() {
   cfgs[3].kind = OptimizerKind::sgd;
   cfgs[3].momentum = 0.9;
   cfgs[3].weight_decay = 0.01;
+  // LoRA+ (lora.plus_lr_ratio): the ranges of plus_ranges_for at lr x 4.
+  cfgs[4] = cfgs[1];
+  cfgs[4].plus_lr_ratio = 4.0;
+  cfgs[5] = cfgs[3];
+  cfgs[5].plus_lr_ratio = 4.0;
   std::vector<OptimCase> cases;
   for (const Size& s : sizes)
     for (const OptimizerConfig& cfg : cfgs)
@@ -144,7 +162,7 @@ CpuRun run_cpu(const OptimCase& c) {
   CpuRun r;
   r.params = params_for(c);
   const std::vector<float> g = grads_for(c);
-  Optimizer opt(c.cfg, sz(c.n));
+  Optimizer opt(c.cfg, sz(c.n), plus_ranges_for(c));
   for (int64_t s = 0; s < c.steps; ++s) opt.step(r.params.data(), g.data() + s * c.n, lr_at(c, s));
   for (const auto& st : opt.state()) {
     std::vector<float> a(st.data, st.data + st.n);
@@ -207,9 +225,10 @@ TEST(OptimCases, CpuOptimizerMatchesTorchFormulasInDouble) {
     const double wd = c.cfg.weight_decay;
     double max_lr = 0.0;
     for (int64_t s = 0; s < c.steps; ++s) {
-      const double lr = lr_at(c, s), t = double(s + 1);
-      max_lr = std::max(max_lr, lr);
+      const double t = double(s + 1);
+      max_lr = std::max(max_lr, lr_at(c, s) * c.cfg.plus_lr_ratio);
       for (size_t i = 0; i < n; ++i) {
+        const double lr = lr_at(c, s) * (in_plus(c, i) ? c.cfg.plus_lr_ratio : 1.0);
         const double gi = g[sz(s) * n + i];
         gmax[i] = std::max(gmax[i], std::abs(gi));
         pmax[i] = std::max(pmax[i], std::abs(p[i]));
@@ -269,8 +288,15 @@ TEST(OptimCases, SumOfSquaresAgreesWithCpuGradNorm) {
 
 #if QLORA_HAVE_CUDA
 
-cuda_ops::OptimStep step_for(const OptimizerConfig& cfg, int64_t t, double lr) {
+// plus: the case's LoRA+ ranges on the device ([begin, end) int64 pairs), or empty.
+cuda_ops::OptimStep step_for(const OptimizerConfig& cfg, int64_t t, double lr,
+                             const DeviceBuffer<int64_t>* plus = nullptr) {
   cuda_ops::OptimStep st;
+  st.plus_lr_ratio = cfg.plus_lr_ratio;
+  if (plus != nullptr && plus->size() > 0) {
+    st.plus = plus->data();
+    st.n_plus = int64_t(plus->size() / 2);
+  }
   st.kind = cfg.kind == OptimizerKind::sgd ? 1 : 0;
   st.t = t;
   st.lr = lr;
@@ -323,6 +349,17 @@ uint32_t bits_of(float f) {
   return ::testing::AssertionSuccess();
 }
 
+DeviceBuffer<int64_t> upload_plus(const OptimCase& c) {
+  std::vector<int64_t> r;
+  for (const FlatRange& f : plus_ranges_for(c)) {
+    r.push_back(int64_t(f.begin));
+    r.push_back(int64_t(f.end));
+  }
+  DeviceBuffer<int64_t> d(r.size());
+  d.upload(r.data(), r.size());
+  return d;
+}
+
 // Device-resident state, one optimizer_step per step on `s`.
 struct GpuRun {
   DeviceBuffer<float> master, m, v;
@@ -344,9 +381,10 @@ GpuRun run_gpu(const OptimCase& c, const DeviceBuffer<float>& d_grads, cudaStrea
     poison(r.m);  // torch's first SGD step sets the buffer: it must not be read
   }
   QLORA_CUDA_CHECK(cudaDeviceSynchronize());  // the memsets (legacy stream) before work on `s`
+  const DeviceBuffer<int64_t> plus = upload_plus(c);
   for (int64_t k = 0; k < c.steps; ++k)
     cuda_ops::optimizer_step(r.master.data(), r.bf16.data(), d_grads.data() + k * c.n, r.m.data(), r.v.data(),
-                             c.n, step_for(c.cfg, k + 1, lr_at(c, k)), s);
+                             c.n, step_for(c.cfg, k + 1, lr_at(c, k), &plus), s);
   QLORA_CUDA_CHECK(cudaStreamSynchronize(s));
   return r;
 }
@@ -455,8 +493,9 @@ TEST(CudaOptim, PagedStateEqualsDeviceStateAndCpuBitForBit) {
     DeviceBuffer<uint16_t> bf16(sz(c.n));
     poison(bf16);
     QLORA_CUDA_CHECK(cudaDeviceSynchronize());
+    const DeviceBuffer<int64_t> plus = upload_plus(c);
     for (int64_t k = 0; k < c.steps; ++k)
-      paged.step(master.data(), bf16.data(), d_grads.data() + k * c.n, step_for(c.cfg, k + 1, lr_at(c, k)));
+      paged.step(master.data(), bf16.data(), d_grads.data() + k * c.n, step_for(c.cfg, k + 1, lr_at(c, k), &plus));
     ctx.synchronize();
 
     const std::vector<float> got = download(master);

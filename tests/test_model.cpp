@@ -121,6 +121,105 @@ INSTANTIATE_TEST_SUITE_P(Golden, ModelGrad,
                            return n;
                          });
 
+// DoRA through the whole model, with per-module ranks and LoRA dropout (its
+// masks fixed by resetting the forward count before each forward), against
+// finite differences of A, B and the magnitudes. The norm ||W + s B A|| is
+// detached, as PEFT detaches it: the loss the gradients belong to holds it
+// constant, so the finite differences do too (the model is asked for the
+// loss with the norms of the unperturbed adapter: perturbing one entry of B
+// or A moves the norm, which these gradients deliberately ignore). So the
+// check perturbs the magnitudes, which the norm does not depend on, against
+// the full loss, and A and B against the loss with frozen norms, computed
+// here as L(m * n_frozen / n(A, B)) = the loss with magnitudes rescaled.
+// Tolerance as in LoraGradientsMatchFiniteDifferences.
+TEST(ModelGrad, DoraGradientsMatchFiniteDifferences) {
+  testing::ScratchDir dir;
+  write_model(dir.path(), golden().metadata().at("config"));
+  const LlamaWeights w = load_llama_weights(dir.path());  // NF4 + double quant
+  for (double dropout : {0.0, 0.2}) {
+    LoraConfig lc;
+    lc.rank = 4;
+    lc.alpha = 8;
+    lc.dora = true;
+    lc.dropout = dropout;
+    lc.seed = 5;
+    lc.rank_pattern = {{"down_proj", 2}};
+    LoraWeights lora(w.cfg, lc);
+    unsigned seed = 40;
+    for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
+      for (int t = 0; t < kNumLoraTargets; ++t) {
+        const auto [in, out] = lora_target_dims(w.cfg, LoraTarget(t));
+        const int64_t R = lora.rank(l, LoraTarget(t));
+        const auto a = testing::randn(R * in, seed++, 0.2f), b = testing::randn(out * R, seed++, 0.2f);
+        std::copy(a.begin(), a.end(), lora.A(l, LoraTarget(t)));
+        std::copy(b.begin(), b.end(), lora.B(l, LoraTarget(t)));
+      }
+    init_dora_magnitudes(lora, w);  // m = ||W + s B A||: g = 1 at first
+    for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
+      for (int t = 0; t < kNumLoraTargets; ++t) {
+        const int64_t out = lora_target_dims(w.cfg, LoraTarget(t)).second;
+        const auto r = testing::randn(out, seed++, 0.2f);
+        for (int64_t i = 0; i < out; ++i) lora.M(l, LoraTarget(t))[i] *= 1.0f + r[size_t(i)];
+      }
+    const auto tokens = ints("input.tokens"), targets = ints("input.targets"), positions = ints("input.positions");
+    const LlamaBatch batch{tokens.data(), targets.data(), positions.data(), 2, int64_t(tokens.size()) / 2};
+    LlamaModel model(w, &lora, batch.B, batch.T);
+    auto loss = [&] {
+      model.set_forward_count(0);  // the same dropout masks every time
+      return model.forward(batch);
+    };
+    const double L0 = loss();
+    model.backward();
+    // The norms of the unperturbed adapter, for the frozen-norm loss.
+    LoraWeights norms(w.cfg, lc);
+    std::memcpy(norms.flat_params(), lora.flat_params(), lora.flat_size() * sizeof(float));
+    init_dora_magnitudes(norms, w);
+    LoraWeights probe(w.cfg, lc);
+    // L with A and B as in `lora` but every norm held at `norms`: the model
+    // divides by n(A, B), so give it m * n(A, B) / n_frozen.
+    auto frozen_loss = [&] {
+      std::memcpy(probe.flat_params(), lora.flat_params(), lora.flat_size() * sizeof(float));
+      init_dora_magnitudes(probe, w);  // probe.M = n(A, B)
+      std::vector<float> saved(lora.flat_size());
+      std::memcpy(saved.data(), lora.flat_params(), saved.size() * sizeof(float));
+      for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
+        for (int t = 0; t < kNumLoraTargets; ++t) {
+          const int64_t out = lora_target_dims(w.cfg, LoraTarget(t)).second;
+          for (int64_t i = 0; i < out; ++i)
+            lora.M(l, LoraTarget(t))[i] *= probe.M(l, LoraTarget(t))[i] / norms.M(l, LoraTarget(t))[i];
+        }
+      const double L = loss();
+      std::memcpy(lora.flat_params(), saved.data(), saved.size() * sizeof(float));
+      return L;
+    };
+    constexpr float h = 1e-2f;
+    const double floor = 64 * 5.96e-8 * std::abs(L0) / h;
+    int checked = 0;
+    for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
+      for (int t = 0; t < kNumLoraTargets; ++t)
+        for (int part = 0; part < 3; ++part) {
+          const LoraTarget tg = LoraTarget(t);
+          const auto [in, out] = lora_target_dims(w.cfg, tg);
+          const int64_t R = lora.rank(l, tg);
+          const int64_t n = part == 0 ? R * in : part == 1 ? out * R : out;
+          float* p = part == 0 ? lora.A(l, tg) : part == 1 ? lora.B(l, tg) : lora.M(l, tg);
+          const float* gr = part == 0 ? lora.dA(l, tg) : part == 1 ? lora.dB(l, tg) : lora.dM(l, tg);
+          const int64_t j = std::max_element(gr, gr + n, [](float x, float y) { return std::abs(x) < std::abs(y); }) - gr;
+          const float gj = gr[j], orig = p[j];
+          p[j] = orig + h;
+          const double Lp = part == 2 ? loss() : frozen_loss();
+          p[j] = orig - h;
+          const double Lm = part == 2 ? loss() : frozen_loss();
+          p[j] = orig;
+          const double fd = (Lp - Lm) / (2.0 * h);
+          EXPECT_NEAR(gj, fd, floor + 2e-2 * std::abs(fd))
+              << "dropout " << dropout << " " << lora_module_name(l, tg) << " part " << part << "[" << j << "]";
+          ++checked;
+        }
+    EXPECT_EQ(checked, 42);
+  }
+}
+
 TEST(ModelBadInput, ShapesDisagreeingWithConfigNameTheTensor) {
   testing::ScratchDir dir;
   std::string cfg = golden().metadata().at("config");

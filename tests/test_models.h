@@ -38,9 +38,14 @@ inline LoraWeights random_lora(const ModelConfig& cfg, const LoraConfig& lc, uns
     for (int t = 0; t < kNumLoraTargets; ++t) {
       if (!w.has(LoraTarget(t))) continue;
       const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
-      const auto a = randn(lc.rank * in, seed++, sigma), b = randn(out * lc.rank, seed++, sigma);
+      const int64_t R = w.rank(l, LoraTarget(t));  // rank_pattern applied
+      const auto a = randn(R * in, seed++, sigma), b = randn(out * R, seed++, sigma);
       std::copy(a.begin(), a.end(), w.A(l, LoraTarget(t)));
       std::copy(b.begin(), b.end(), w.B(l, LoraTarget(t)));
+      if (lc.dora) {  // DoRA magnitudes: positive, around 1 + sigma
+        const auto m = randn(out, seed++, 0.25f);
+        for (int64_t i = 0; i < out; ++i) w.M(l, LoraTarget(t))[i] = 1.0f + sigma + m[size_t(i)];
+      }
     }
   return w;
 }

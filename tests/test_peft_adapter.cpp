@@ -55,9 +55,10 @@ TEST(PeftAdapter, RoundTripIsBitIdentical) {
 
 // PEFT 0.22 saves target_modules="all-linear" as full module paths; it
 // matches a module by its name or a "." + name suffix, and so does qlora.
-// Per-module ranks and alphas are refused by their key, never loaded with
-// the global ones.
-TEST(PeftAdapter, FullPathTargetsLoadAndPatternsAreRefusedByKey) {
+// rank_pattern / alpha_pattern are read (test_lora_patterns.cpp); a pattern
+// whose rank the tensors do not have is refused naming the tensor, and one
+// that matches no module naming its key.
+TEST(PeftAdapter, FullPathTargetsLoadAndPatternsAreCheckedAgainstTheTensors) {
   const ModelConfig cfg = testing::tiny_gqa_config(3);
   const LoraConfig lc = subset_config();
   const LoraWeights w = random_lora(cfg, lc, 5);
@@ -72,12 +73,19 @@ TEST(PeftAdapter, FullPathTargetsLoadAndPatternsAreRefusedByKey) {
   const LoraWeights r = LoraWeights::load_peft(dir / "a", cfg);
   EXPECT_EQ(r.config().targets, lc.targets);
   EXPECT_EQ(std::memcmp(r.flat_params(), w.flat_params(), w.flat_size() * sizeof(float)), 0);
-  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+  {
     auto bad = j;
-    bad[key] = {{"v_proj", 64}};
+    bad["rank_pattern"] = {{"v_proj", 2}};
     testing::write_bytes(file, bad.dump());
     const std::string e = testing::error_of([&] { LoraWeights::load_peft(dir / "a", cfg); });
-    EXPECT_NE(e.find(std::string(key) + " {\"v_proj\":64} is not supported"), std::string::npos) << e;
+    EXPECT_NE(e.find("self_attn.v_proj.lora_A.weight has shape [4, 32], expected [2, 32]"), std::string::npos) << e;
+  }
+  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    auto bad = j;
+    bad[key] = {{"vproj", 2}};
+    testing::write_bytes(file, bad.dump());
+    const std::string e = testing::error_of([&] { LoraWeights::load_peft(dir / "a", cfg); });
+    EXPECT_NE(e.find(std::string(key) + " key 'vproj' matches no module"), std::string::npos) << e;
     EXPECT_NE(e.find("adapter_config.json"), std::string::npos) << e;
   }
   j["target_modules"] = {"model.layers.0.self_attn.rotary_emb"};

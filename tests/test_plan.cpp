@@ -63,6 +63,9 @@ struct CpuCase {
   bool quantize;
   OptimizerKind optimizer;
   double momentum = 0.0;
+  bool dora = false;
+  std::vector<std::pair<std::string, int64_t>> rank_pattern = {};
+  double plus_lr_ratio = 1.0;
 };
 
 void check_cpu_case(const std::filesystem::path& dir, const CpuCase& c) {
@@ -81,6 +84,9 @@ void check_cpu_case(const std::filesystem::path& dir, const CpuCase& c) {
   in.quantize = c.quantize;
   in.optimizer.kind = c.optimizer;
   in.optimizer.momentum = c.momentum;
+  in.lora.dora = c.dora;
+  in.lora.rank_pattern = c.rank_pattern;
+  in.optimizer.plus_lr_ratio = c.plus_lr_ratio;
   apply_checkpoint_quant(in, dir);
   const MemoryPlan plan = make_plan(in);
   SCOPED_TRACE(plan_table(plan));
@@ -88,8 +94,10 @@ void check_cpu_case(const std::filesystem::path& dir, const CpuCase& c) {
   const LlamaWeights w = load_llama_weights(dir, weight_load_options(in));
   LoraWeights lora(w.cfg, in.lora);
   lora.init_default(1);
+  init_dora_magnitudes(lora, w);
   LlamaModel model(w, &lora, c.B, c.T, llama_run_options(in));
-  Optimizer opt(in.optimizer, lora.flat_size());
+  Optimizer opt(in.optimizer, lora.flat_size(), lora.plus_ranges());
+  EXPECT_EQ(plan.lora_params, lora.num_params());
 
   std::vector<int32_t> tokens(size_t(c.B * c.T)), targets(tokens.size());
   for (size_t i = 0; i < tokens.size(); ++i) {
@@ -129,6 +137,10 @@ std::vector<CpuCase> cpu_cases() {
       {3, 24, true, 4, {T::Q, T::V}, true, OptimizerKind::paged_adamw},
       {1, 64, false, 16, {T::Gate, T::Up, T::Down}, false, OptimizerKind::sgd, 0.9},
       {2, 8, true, 2, {T::O}, false, OptimizerKind::sgd, 0.0},
+      // DoRA (magnitudes, norms, product buffers), per-module ranks, LoRA+
+      {2, 16, true, 4, {}, true, OptimizerKind::adamw, 0.0, true, {{"down_proj", 2}, {"q_proj", 8}}, 16.0},
+      {1, 16, false, 4, {T::Q, T::Down}, false, OptimizerKind::paged_adamw, 0.0, true, {}, 1.0},
+      {1, 8, false, 8, {}, true, OptimizerKind::sgd, 0.9, false, {{"layers.0.mlp.up_proj", 1}}, 4.0},
   };
 }
 
@@ -420,6 +432,25 @@ TEST(PlanValidation, ImpossibleSettingsNameTheKey) {
   in.micro_batch = 0;
   e = error_of([&] { make_plan(in); });
   EXPECT_NE(e.find("train.micro_batch"), std::string::npos) << e;
+  in.micro_batch = 1;
+  // Patterns are checked against the model: a key matching no module, a rank
+  // too large for the module it names; DoRA has no CUDA path yet.
+  in.lora.rank_pattern = {{"down_prj", 8}};
+  e = error_of([&] { make_plan(in); });
+  EXPECT_NE(e.find("lora.rank_pattern key 'down_prj' matches no module of this model"), std::string::npos) << e;
+  in.lora.rank_pattern = {{"layers.3.self_attn.k_proj", 8192}};
+  e = error_of([&] { make_plan(in); });
+  EXPECT_NE(e.find("lora.rank_pattern: 8192 is larger than the smaller dimension (4096) of "
+                   "model.layers.3.self_attn.k_proj"),
+            std::string::npos)
+      << e;
+  in.lora.rank_pattern = {{"down_proj", 4}};
+  const uint64_t rank16 = make_plan(cuda_input("llama-2-7b", 16, 1, 4096, OptimizerKind::adamw, "rtx4090")).lora_params;
+  EXPECT_EQ(make_plan(in).lora_params, rank16 - uint64_t(32) * 12 * (11008 + 4096));  // down_proj at 4, not 16
+  in.lora.rank_pattern = {};
+  in.lora.dora = true;
+  e = error_of([&] { make_plan(in); });
+  EXPECT_NE(e.find("lora.dora: DoRA has no CUDA implementation yet"), std::string::npos) << e;
 }
 
 // The advice is tight: its micro-batch and seq_len fit and one more does not;

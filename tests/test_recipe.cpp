@@ -53,6 +53,10 @@ lora:
   rslora: true
   targets: [v_proj, q_proj]
   init: adapters/prev
+  rank_pattern: {v_proj: 4, "layers\\.0\\..*": 2}
+  alpha_pattern: {q_proj: 3.5}
+  dora: true
+  plus_lr_ratio: 16
 data:
   train: [a.jsonl, /abs/b.jsonl]
   val: v.jsonl
@@ -164,6 +168,12 @@ TEST(RecipeParse, EveryKeyOfEverySection) {
   EXPECT_TRUE(r.lora.rslora);
   EXPECT_EQ(r.lora.targets, (std::vector<std::string>{"q_proj", "v_proj"}));  // the model's order
   EXPECT_EQ(r.lora.init, "/base/adapters/prev");
+  using Ranks = std::vector<std::pair<std::string, int64_t>>;
+  using Alphas = std::vector<std::pair<std::string, double>>;
+  EXPECT_EQ(r.lora.rank_pattern, (Ranks{{"v_proj", 4}, {"layers\\.0\\..*", 2}}));  // in the order written
+  EXPECT_EQ(r.lora.alpha_pattern, (Alphas{{"q_proj", 3.5}}));
+  EXPECT_TRUE(r.lora.dora);
+  EXPECT_EQ(r.lora.plus_lr_ratio, 16.0);
   EXPECT_EQ(r.data.train, (std::vector<std::string>{"/base/a.jsonl", "/abs/b.jsonl"}));
   EXPECT_EQ(r.data.val, std::vector<std::string>{"/base/v.jsonl"});
   EXPECT_EQ(r.data.val_fraction, 0.0);
@@ -518,7 +528,7 @@ TEST(RecipeErrors, UnknownKeysSuggestTheNearestKnownOne) {
   EXPECT_EQ(error(recipe_with("lora", "rnak: 8")),
             "r.yaml:2:3: unknown key 'lora.rnak'; did you mean 'lora.rank'? (known keys of lora: rank, "
             "alpha, dropout, "
-            "rslora, targets, init)");
+            "rslora, targets, init, rank_pattern, alpha_pattern, dora, plus_lr_ratio)");
   EXPECT_EQ(error(recipe_with("lroa", "rank: 8")),
             "r.yaml:1:1: unknown key 'lroa'; did you mean 'lora'? (known sections: model, quant, lora, data, "
             "train, "
@@ -532,6 +542,18 @@ TEST(RecipeErrors, UnknownKeysSuggestTheNearestKnownOne) {
             std::string::npos);
   EXPECT_NE(error(recipe_with("train", "learning_rate: 1e-4")).find("did you mean 'train.lr'?"),
             std::string::npos);
+  // PEFT's and axolotl's names for DoRA, LoRA+ and per-module ranks.
+  for (const auto& [name, ours] : std::vector<std::pair<std::string, std::string>>{
+           {"use_dora", "lora.dora"}, {"peft_use_dora", "lora.dora"}, {"loraplus_lr_ratio", "lora.plus_lr_ratio"},
+           {"rank_pattern", "lora.rank_pattern"}, {"alpha_pattern", "lora.alpha_pattern"}}) {
+    EXPECT_NE(error(std::string(kMinimal) + name + ": true\n").find("did you mean '" + ours + "'?"),
+              std::string::npos)
+        << name;
+    if (name.find("pattern") == std::string::npos) {  // inside lora those are our own key names
+      EXPECT_NE(error(recipe_with("lora", name + ": true")).find("did you mean '" + ours + "'?"), std::string::npos)
+          << name;
+    }
+  }
   // Nothing close: no suggestion, but the list of keys.
   const std::string far = error(recipe_with("lora", "zzzzzzzz: 1"));
   EXPECT_EQ(far.find("did you mean"), std::string::npos) << far;
@@ -566,7 +588,8 @@ TEST(RecipeErrors, DocumentShape) {
             "r.yaml: holds 2 YAML documents (separated by ---); a recipe is one");
   EXPECT_EQ(
       error(std::string(kMinimal) + "lora: 5\n"),
-      "r.yaml:7:7: lora: expected a map of lora keys (rank, alpha, dropout, rslora, targets, init), got '5'");
+      "r.yaml:7:7: lora: expected a map of lora keys (rank, alpha, dropout, rslora, targets, init, rank_pattern, "
+            "alpha_pattern, dora, plus_lr_ratio), got '5'");
 }
 
 TEST(RecipeErrors, DuplicateKeysNameBothLines) {
@@ -647,7 +670,9 @@ TEST(RecipeHash, StableAndSensitiveToTrainingOnly) {
 
   auto with = [&](const std::string& override) { return recipe_training_hash(parse(kFull, {override})); };
   for (const char* changes :
-       {"train.lr=1e-4", "lora.rank=4", "train.seed=7", "data.train=other.jsonl",
+       {"train.lr=1e-4", "lora.rank=4", "train.seed=7", "lora.dora=false", "lora.plus_lr_ratio=2",
+        "lora.rank_pattern={v_proj: 4}", "lora.alpha_pattern={q_proj: 3.5, v_proj: 1}",
+        "lora.rank_pattern={\"layers\\\\.0\\\\..*\": 2, v_proj: 4}", "data.train=other.jsonl",
         "data.train=[a.jsonl, /abs/c.jsonl]", "lora.targets=attention", "quant.type=nf4", "data.seq_len=256",
         "train.grad_accum=2", "data.fields.prompt=Q"})
     EXPECT_NE(with(changes), h) << changes;
@@ -657,6 +682,31 @@ TEST(RecipeHash, StableAndSensitiveToTrainingOnly) {
         "train.max_steps=50", "train.epochs=9", "device.threads=9", "lora.targets=[q_proj, v_proj]",
         "data.fields={output: answer, instruction: question}"})
     EXPECT_EQ(with(same), h) << same;
+}
+
+// Keys added with DoRA / LoRA+ / patterns enter the hash only when set, so a
+// checkpoint written before them still resumes; set, they change it.
+TEST(RecipeHash, NewLoraKeysAtTheirDefaultsLeaveTheHashAlone) {
+  const std::string h = recipe_training_hash(parse(kMinimal));
+  for (const char* same : {"lora.dora=false", "lora.plus_lr_ratio=1", "lora.rank_pattern={}", "lora.alpha_pattern={}"})
+    EXPECT_EQ(recipe_training_hash(parse(kMinimal, {same})), h) << same;
+  for (const char* changes : {"lora.dora=true", "lora.plus_lr_ratio=16", "lora.rank_pattern={down_proj: 8}"})
+    EXPECT_NE(recipe_training_hash(parse(kMinimal, {changes})), h) << changes;
+}
+
+TEST(RecipeErrors, PatternsAndLoraPlusValues) {
+  EXPECT_NE(error(recipe_with("lora", "rank_pattern: [down_proj]")).find("lora.rank_pattern: expected a map of "
+                                                                         "module-name patterns to ranks"),
+            std::string::npos);
+  EXPECT_NE(error(recipe_with("lora", "rank_pattern: {down_proj: 0}"))
+                .find("r.yaml:2:29: lora.rank_pattern.down_proj: expected a rank (an integer >= 1), got '0'"),
+            std::string::npos)
+      << error(recipe_with("lora", "rank_pattern: {down_proj: 0}"));
+  EXPECT_NE(error(recipe_with("lora", "alpha_pattern: {down_proj: -1}")).find("expected an alpha (a number > 0)"),
+            std::string::npos);
+  EXPECT_NE(error(recipe_with("lora", "plus_lr_ratio: 0")).find("lora.plus_lr_ratio: expected a number > 0"),
+            std::string::npos);
+  EXPECT_NE(error(recipe_with("lora", "dora: yes")).find("lora.dora: expected true or false"), std::string::npos);
 }
 
 // ---- sizes -----------------------------------------------------------------

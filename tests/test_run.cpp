@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -120,14 +121,18 @@ TEST(Run, DemoLossFallsWellBelowTheStart) {
   EXPECT_EQ(cfg_json["peft_type"], "LORA");
 }
 
-TEST(Run, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
+// Stops a short run after step 3, resumes it, and compares with one that
+// never stopped: the adapter bit for bit, the last loss, metrics once each.
+void expect_resume_bit_identical(const std::vector<std::string>& extra) {
   ScratchDir d;
-  const RunSummary full = run_quiet(demo(d / "full", short_run()));
+  std::vector<std::string> o = short_run();
+  o.insert(o.end(), extra.begin(), extra.end());
+  const RunSummary full = run_quiet(demo(d / "full", o));
   ASSERT_EQ(full.steps_done, 6);
 
   RunOptions stop;
   stop.stop_after_step = 3;
-  const RunSummary first = run_quiet(demo(d / "resumed", short_run()), stop);
+  const RunSummary first = run_quiet(demo(d / "resumed", o), stop);
   EXPECT_TRUE(first.interrupted);
   EXPECT_EQ(first.steps_done, 3);
   EXPECT_FALSE(fs::exists(d / "resumed" / "adapter"));
@@ -135,12 +140,12 @@ TEST(Run, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
   RunOptions resume;
   resume.resume = true;
   // A changed recipe cannot continue the checkpoint: refused, with the reason.
-  auto changed = short_run();
+  auto changed = o;
   changed.push_back("train.lr=1e-3");
   const std::string e = error_of([&] { run_quiet(demo(d / "resumed", changed), resume); });
   EXPECT_NE(e.find("different recipe"), std::string::npos) << e;
 
-  const RunSummary second = run_quiet(demo(d / "resumed", short_run()), resume);
+  const RunSummary second = run_quiet(demo(d / "resumed", o), resume);
   EXPECT_TRUE(second.resumed);
   EXPECT_EQ(second.start_step, 3);
   EXPECT_EQ(second.steps_done, 6);
@@ -154,6 +159,41 @@ TEST(Run, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
   const MetricsHistory h = read_metrics(d / "resumed" / "metrics.jsonl");
   ASSERT_EQ(h.train.size(), 6u);
   for (size_t i = 0; i < h.train.size(); ++i) EXPECT_EQ(h.train[i].step, int64_t(i + 1));
+}
+
+TEST(Run, ResumedRunIsBitIdenticalToAnUninterruptedOne) {
+  expect_resume_bit_identical({});
+}
+
+// LoRA+, DoRA and per-module ranks resume exactly too (the ratio, the
+// magnitudes and their optimizer state are in the checkpoint).
+TEST(Run, ResumedLoraPlusDoraRunWithRankPatternIsBitIdentical) {
+  expect_resume_bit_identical({"lora.plus_lr_ratio=16", "lora.dora=true", "lora.rank_pattern={down_proj: 2}"});
+}
+
+// LoRA+ changes the training (B moves at 16 x lr); DoRA's adapter holds the
+// magnitudes as PEFT names them.
+TEST(Run, LoraPlusAndDoraChangeWhatIsTrained) {
+  ScratchDir d;
+  const std::vector<std::string> o = {"train.max_steps=2", "train.micro_batch=1", "logging.every=1"};
+  auto with = [&](const std::string& name, std::vector<std::string> extra) {
+    extra.insert(extra.begin(), o.begin(), o.end());
+    run_quiet(demo(d / name, extra));
+    return LoraWeights::load_peft(d / name / "adapter", load_model_config(resolve_model_path("builtin:tiny")));
+  };
+  const LoraWeights plain = with("plain", {});
+  const LoraWeights plus = with("plus", {"lora.plus_lr_ratio=16"});
+  const LoraWeights dora = with("dora", {"lora.dora=true"});
+  ASSERT_EQ(plain.flat_size(), plus.flat_size());
+  // A is stepped at lr in both, B at 16 x lr: after step 1 (B = 0 before it)
+  // B differs, A too from step 2 on through the loss.
+  const float* b0 = plain.B(0, LoraTarget::Q);
+  const float* b1 = plus.B(0, LoraTarget::Q);
+  EXPECT_NE(std::memcmp(b0, b1, 4), 0);
+  EXPECT_TRUE(dora.config().dora);
+  EXPECT_NE(dora.M(0, LoraTarget::Q), nullptr);
+  const auto cfg_json = nlohmann::json::parse(read_bytes(d / "dora" / "adapter" / "adapter_config.json"));
+  EXPECT_EQ(cfg_json["use_dora"], true);
 }
 
 TEST(Run, InterruptFlagWritesACheckpointAndStops) {

@@ -32,6 +32,20 @@ namespace {
 constexpr int kSumThreads = 256;  // threads of both sum_squares kernels (the trees assume a power of two)
 static_assert((kSumThreads & (kSumThreads - 1)) == 0, "the tree reductions halve kSumThreads");
 
+// Whether global index g lies in one of the sorted ranges (binary search over
+// the range starts: a few hundred ranges for a large model, ~10 steps).
+__device__ __forceinline__ bool in_plus(const OptimStepParams& p, int64_t g) {
+  int64_t lo = 0, hi = p.n_plus;  // find the last range with begin <= g
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.plus[2 * mid] <= g)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo > 0 && g < p.plus[2 * (lo - 1) + 1];
+}
+
 template <OptimKind kKind>
 __global__ void __launch_bounds__(kThreads) optimizer_step_kernel(const OptimStepParams p) {
   float* __restrict__ master = p.master;
@@ -43,17 +57,18 @@ __global__ void __launch_bounds__(kThreads) optimizer_step_kernel(const OptimSte
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
     const float g = grad[i];
     float w = master[i];
+    const bool plus = p.plus != nullptr && in_plus(p, p.base + i);
     if constexpr (kKind == OptimKind::AdamW) {
       // torch's single-tensor AdamW, as Optimizer::step:
       //   p = p * decay
       //   m = m * beta1 + (1 - beta1) * g
       //   v = v * beta2 + ((1 - beta2) * g) * g
       //   p = p + (-step_size * m) / (sqrt(v) / bc2_sqrt + eps)
-      w = __fmul_rn(w, p.decay);
+      w = __fmul_rn(w, plus ? p.decay_plus : p.decay);
       const float mi = __fadd_rn(__fmul_rn(m[i], p.beta1), __fmul_rn(p.one_minus_beta1, g));
       const float vi = __fadd_rn(__fmul_rn(v[i], p.beta2), __fmul_rn(__fmul_rn(p.one_minus_beta2, g), g));
       const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), p.bc2_sqrt), p.eps);
-      w = __fadd_rn(w, __fdiv_rn(__fmul_rn(p.neg_step_size, mi), denom));
+      w = __fadd_rn(w, __fdiv_rn(__fmul_rn(plus ? p.neg_step_size_plus : p.neg_step_size, mi), denom));
       m[i] = mi;
       v[i] = vi;
     } else {
@@ -64,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) optimizer_step_kernel(const OptimSte
         d = p.first ? d : __fadd_rn(__fmul_rn(m[i], p.momentum), d);  // the first step never reads m
         m[i] = d;
       }
-      w = __fadd_rn(w, __fmul_rn(p.neg_lr, d));
+      w = __fadd_rn(w, __fmul_rn(plus ? p.neg_lr_plus : p.neg_lr, d));
     }
     master[i] = w;
     if (bf16 != nullptr) bf16[i] = f32_to_bf16(w);
@@ -156,6 +171,19 @@ void optim_constants(const OptimStep& st, OptimStepParams& p) {
     p.bc2_sqrt = float(std::sqrt(bias_correction2));
     p.eps = float(st.eps);
   }
+  // LoRA+: the same expressions at lr * ratio (Optimizer::step computes that
+  // product in double once, as here).
+  if (st.plus_lr_ratio != 1.0 && st.n_plus > 0) {
+    const double lr_b = st.lr * st.plus_lr_ratio;
+    p.plus = st.plus;
+    p.n_plus = st.n_plus;
+    p.base = st.base;
+    p.neg_lr_plus = float(-lr_b);
+    if (st.kind != 1) {
+      p.decay_plus = float(1.0 - product_rounded(lr_b, st.weight_decay));
+      p.neg_step_size_plus = float(-(lr_b / (1.0 - std::pow(st.beta1, t))));
+    }
+  }
 }
 
 // The checks of the CPU Optimizer's config (check_config in optimizer.cpp), plus the step's own.
@@ -168,6 +196,10 @@ void check_step(const char* fn, const OptimStep& st) {
   if (adam && !(st.eps >= 0.0)) fail(fn, ": eps must be >= 0, got ", st.eps);
   if (!(st.weight_decay >= 0.0)) fail(fn, ": weight_decay must be >= 0, got ", st.weight_decay);
   if (!(st.momentum >= 0.0)) fail(fn, ": momentum must be >= 0, got ", st.momentum);
+  if (!(st.plus_lr_ratio > 0.0) || !std::isfinite(st.plus_lr_ratio))
+    fail(fn, ": plus_lr_ratio must be > 0, got ", st.plus_lr_ratio);
+  if (st.n_plus < 0 || (st.n_plus > 0 && st.plus == nullptr) || st.base < 0)
+    fail(fn, ": n_plus = ", st.n_plus, " LoRA+ ranges need a device pointer, and base = ", st.base, " must be >= 0");
 }
 
 int64_t sum_squares_chunks(int64_t n) {

@@ -37,6 +37,14 @@ struct OptimStep {  // one update, values as the CPU Optimizer derives them from
   int kind = 0;     // 0 adamw (also paged_adamw), 1 sgd
   int64_t t = 1;    // step number after increment (torch)
   double lr = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0, momentum = 0;
+  // LoRA+ (OptimizerConfig::plus_lr_ratio): elements whose index base + i lies
+  // in one of the n_plus ranges [plus[2k], plus[2k+1]) (device memory, sorted,
+  // disjoint) step at lr * plus_lr_ratio. base: the index of element 0 in the
+  // whole flat array (a page of the paged state starts past 0).
+  double plus_lr_ratio = 1.0;
+  const int64_t* plus = nullptr;
+  int64_t n_plus = 0;
+  int64_t base = 0;
 };
 
 // master (n) fp32 updated in place from grad (n) fp32 (already clipped/scaled by the caller);
@@ -80,6 +88,11 @@ struct OptimStepParams {
   //      m = first ? d : m*momentum + d, d = m; p = p + neg_lr*d
   float weight_decay = 0.0f, momentum = 0.0f, neg_lr = 0.0f;
   bool first = false;  // t == 1
+  // LoRA+: inside the ranges, decay / neg_step_size / neg_lr are replaced by
+  // these (the same expressions at lr * ratio). plus == null: none.
+  const int64_t* plus = nullptr;  // 2 * n_plus, sorted [begin, end) pairs of global indices
+  int64_t n_plus = 0, base = 0;
+  float decay_plus = 1.0f, neg_step_size_plus = 0.0f, neg_lr_plus = 0.0f;
 };
 
 struct SumSquaresParams {

@@ -89,8 +89,10 @@ void PagedAdamState::step(float* master, uint16_t* param_bf16, const float* grad
     if (i + 1 < pages) page_in(i + 1);
     const int64_t off = first_of(i), cnt = count_of(i);
     QLORA_CUDA_CHECK(cudaStreamWaitEvent(compute, paged_in_[i % 2].get(), 0));
+    cuda_ops::OptimStep page_st = st;
+    page_st.base = st.base + off;  // LoRA+ ranges are in whole-array indices
     cuda_ops::optimizer_step(master + off, param_bf16 != nullptr ? param_bf16 + off : nullptr, grad + off,
-                             slot_m(i), slot_v(i), cnt, st, compute);
+                             slot_m(i), slot_v(i), cnt, page_st, compute);
     QLORA_CUDA_CHECK(cudaEventRecord(updated_[i % 2].get(), compute));
     QLORA_CUDA_CHECK(cudaStreamWaitEvent(copy, updated_[i % 2].get(), 0));
     const size_t bytes = size_t(cnt) * sizeof(float);

@@ -63,7 +63,8 @@ struct LlamaActivationViews {
     // qk_norm (qwen3) only, else null: the projections before the per-head
     // norm, (N,H*D) and (N,KVH*D), and the norm's rstd, (N*H) and (N*KVH).
     float *qraw, *kraw, *rstdq, *rstdk;
-    float* h[kNumLoraTargets];  // LoRA hidden (N,R) per target
+    float* h[kNumLoraTargets];      // LoRA hidden (N,R) per target
+    float* wnorm[kNumLoraTargets];  // DoRA: ||W + s B A|| per output row (OUT), else null
   };
   // lora: null for the base model only.
   void layout(Arena& a, const ModelConfig& cfg, const LoraConfig* lora, int64_t max_B, int64_t max_T,
@@ -76,7 +77,15 @@ struct LlamaActivationViews {
   int32_t* win_start_;  // (N): window_starts of the batch; null without a sliding window
   // backward scratch
   float *dres_, *dtmp_, *dln_, *dlin_, *dq_, *dk_, *dv_, *datt_, *dgate_, *dup_, *dact_, *dh_, *dxd_;
+  // DoRA only (else null): the base and LoRA products of one linear (N,OUT),
+  // forward and backward (their gradients in place), and the norm's panel.
+  float *dora_base_ = nullptr, *dora_lora_ = nullptr, *dora_panel_ = nullptr;
 };
+
+// DoRA: every magnitude set to its row norm ||W + s B A|| (PEFT's
+// initialisation, with the current A and B: at a fresh start B = 0, so the
+// adapted model starts equal to the base). No-op without DoRA.
+void init_dora_magnitudes(LoraWeights& lora, const LlamaWeights& w);
 
 class LlamaModel : public TrainableModel, private LlamaActivationViews {
  public:
@@ -115,9 +124,13 @@ class LlamaModel : public TrainableModel, private LlamaActivationViews {
   void layer_forward(int64_t l, const float* x, float* y, LayerActs& s);
   void layer_backward(int64_t l, const float* x, LayerActs& s);
   void project(float* out, const float* inp, const ops::LinearWeight& w, const float* bias, int64_t l,
-               LoraTarget t, float* h);
+               LoraTarget t, LayerActs& s);
   void project_backward(float* dinp, bool accumulate, const float* dout, const float* inp, const ops::LinearWeight& w,
-                        int64_t l, LoraTarget t, const float* h);
+                        const float* bias, int64_t l, LoraTarget t, const LayerActs& s);
+  void dora_base_product(float* base, const float* result, const float* xd, const ops::LinearWeight& w,
+                         const float* bias, bool dropout);
+  void dora_backward(float* dinp, bool accumulate, const float* dout, const float* inp, const ops::LinearWeight& w,
+                     const float* bias, int64_t l, LoraTarget t, const float* h, const float* wnorm, bool drop);
   LayerActs& acts_of(int64_t l) { return opt_.checkpointing ? layer_acts_[0] : layer_acts_[size_t(l)]; }
   // The attention mask of layer l: its first visible key per query.
   const int32_t* starts_of(int64_t l) const { return cfg_.attention_window(l) > 0 ? win_start_ : doc_start_; }

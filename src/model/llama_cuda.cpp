@@ -117,6 +117,8 @@ struct Acts {
 
 struct Adapter {
   int64_t off_a = -1, off_b = -1;  // into the flat arrays; -1: target off
+  int64_t rank = 0;                // this module's R (rank_pattern applied)
+  float scale = 0.0f;              // its alpha/R (alpha_pattern, rsLoRA applied)
 };
 
 }  // namespace
@@ -159,7 +161,11 @@ struct CudaLlamaModel::Impl {
   void layout() {
     const int64_t Nn = max_N, C = cfg.hidden_size, I = cfg.intermediate_size, QD = cfg.q_dim(),
                   KVD = cfg.kv_dim(), L = cfg.num_hidden_layers, H = cfg.num_attention_heads, D = cfg.head_dim;
-    const int64_t R = has_lora ? lc.rank : 0;
+    int64_t R = 0, Rt[kNumLoraTargets] = {};  // largest rank, per target and overall
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      Rt[t] = has_lora ? lora_max_rank(cfg, lc, LoraTarget(t)) : 0;
+      R = std::max(R, Rt[t]);
+    }
     const int64_t wide = std::max({C, I, QD});
     DeviceArena& a = arena;
     auto bf = [&](int64_t n) { return a.take<uint16_t>(n); };
@@ -183,7 +189,7 @@ struct CudaLlamaModel::Impl {
       s.gate = bf(Nn * I);
       s.up = bf(Nn * I);
       s.act = bf(Nn * I);
-      for (int t = 0; t < kNumLoraTargets; ++t) s.h[t] = has_lora && lc.targets[size_t(t)] ? bf(Nn * R) : nullptr;
+      for (int t = 0; t < kNumLoraTargets; ++t) s.h[t] = has_lora && lc.targets[size_t(t)] ? bf(Nn * Rt[t]) : nullptr;
     }
     resid.assign(size_t(L + 1), nullptr);
     for (auto& r : resid) r = bf(Nn * C);
@@ -235,8 +241,8 @@ struct CudaLlamaModel::Impl {
                                 ctx.stream());
       x = xd;
     }
-    cuda_ops::lora_forward(ctx, out, h, x, params_bf16.data() + ad.off_a, params_bf16.data() + ad.off_b, lc.scale(),
-                           N, w.in, w.out, lc.rank);
+    cuda_ops::lora_forward(ctx, out, h, x, params_bf16.data() + ad.off_a, params_bf16.data() + ad.off_b, ad.scale,
+                           N, w.in, w.out, ad.rank);
   }
 
   // dinp (N,IN) = (or +=) dout W + the LoRA branch's input gradient.
@@ -248,16 +254,16 @@ struct CudaLlamaModel::Impl {
     const Adapter& ad = adapters[size_t(l)][size_t(t)];
     const uint16_t *A = params_bf16.data() + ad.off_a, *Bm = params_bf16.data() + ad.off_b;
     float *dA = grads.data() + ad.off_a, *dB = grads.data() + ad.off_b;
-    const float scale = lc.scale();
+    const float scale = ad.scale;
     if (lc.dropout > 0.0 && training) {
       // The same counter-based mask as forward, recomputed rather than kept.
       const uint64_t seed = lora_dropout_seed(lc.seed, step, l, t);
       cuda_ops::dropout_forward(xd, inp, N * w.in, float(lc.dropout), seed, ctx.stream());
       QLORA_CUDA_CHECK(cudaMemsetAsync(dxd, 0, size_t(N * w.in) * sizeof(uint16_t), ctx.stream()));
-      cuda_ops::lora_backward(ctx, dxd, dA, dB, dh, dout, h, xd, A, Bm, scale, N, w.in, w.out, lc.rank);
+      cuda_ops::lora_backward(ctx, dxd, dA, dB, dh, dout, h, xd, A, Bm, scale, N, w.in, w.out, ad.rank);
       cuda_ops::dropout_backward_accumulate(dinp, dxd, N * w.in, float(lc.dropout), seed, ctx.stream());
     } else {
-      cuda_ops::lora_backward(ctx, dinp, dA, dB, dh, dout, h, inp, A, Bm, scale, N, w.in, w.out, lc.rank);
+      cuda_ops::lora_backward(ctx, dinp, dA, dB, dh, dout, h, inp, A, Bm, scale, N, w.in, w.out, ad.rank);
     }
   }
 
@@ -465,6 +471,10 @@ void CudaLlamaModel::finish(const LoraWeights* lora) {
 
   // LoRA: the flat arrays in LoraWeights' layout.
   if (lora != nullptr) {
+    // DoRA has its fp32 CPU reference (ops::dora_*) but no CUDA twin yet.
+    if (lora->config().dora)
+      fail("DoRA (lora.dora, an adapter's use_dora) is not implemented on the CUDA backend yet; use the CPU "
+           "backend (device.backend: cpu, or qlora generate without --device cuda)");
     m.has_lora = true;
     m.lc = lora->config();
     lora_n_ = int64_t(lora->flat_size());
@@ -480,6 +490,8 @@ void CudaLlamaModel::finish(const LoraWeights* lora) {
         if (lora->has(LoraTarget(t))) {
           m.adapters[size_t(l)][size_t(t)].off_a = lora->A(l, LoraTarget(t)) - lora->flat_params();
           m.adapters[size_t(l)][size_t(t)].off_b = lora->B(l, LoraTarget(t)) - lora->flat_params();
+          m.adapters[size_t(l)][size_t(t)].rank = lora->rank(l, LoraTarget(t));
+          m.adapters[size_t(l)][size_t(t)].scale = lora->scale(l, LoraTarget(t));
         }
     upload_lora(lora->flat_params());
     zero_grad();

@@ -55,7 +55,7 @@ LlamaGenerator::LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, i
   if (max_seq <= 0 || max_seq > cfg_.max_position_embeddings)
     fail("sequence of ", max_seq, " tokens does not fit the model's max_position_embeddings ",
          cfg_.max_position_embeddings);
-  lora_rank_ = std::max<int64_t>({int64_t(1), lora_rank, lora ? lora->config().rank : 1});
+  lora_rank_ = std::max<int64_t>({int64_t(1), lora_rank, lora ? lora->max_rank() : 1});
   arena_ = Arena(arena_bytes(cfg_, max_seq, lora_rank_), "generation");
   const GeneratorBuffers b = lay_out(arena_, cfg_, max_seq, lora_rank_);
   kcache_ = b.kcache, vcache_ = b.vcache, x_ = b.x, ln_ = b.ln, q_ = b.q, k_ = b.k, v_ = b.v, att_ = b.att;
@@ -65,6 +65,36 @@ LlamaGenerator::LlamaGenerator(const LlamaWeights& w, const LoraWeights* lora, i
   std::vector<float> inv(size_t(D / 2));
   ops::rope_inv_freq(inv.data(), rope_params(cfg_), D);
   ops::rope_tables(cos_, sin_, inv.data(), max_seq, D);
+  set_dora_norms();
+}
+
+void LlamaGenerator::set_dora_norms() {
+  dora_norms_.clear();
+  dora_offset_.clear();
+  if (!lora_ || !lora_->config().dora) return;
+  const int64_t L = cfg_.num_hidden_layers;
+  int64_t wide = 0, outs = 0, most = 0;
+  dora_offset_.assign(size_t(L * kNumLoraTargets), 0);
+  for (int64_t l = 0; l < L; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t)
+      if (lora_->has(LoraTarget(t))) {
+        const auto [in, out] = lora_target_dims(cfg_, LoraTarget(t));
+        dora_offset_[size_t(l * kNumLoraTargets + t)] = size_t(outs);
+        outs += out;
+        wide = std::max(wide, in);
+        most = std::max(most, out * lora_->rank(l, LoraTarget(t)));
+      }
+  dora_norms_.assign(size_t(outs), 0.0f);
+  dora_gb_.assign(size_t(most), 0.0f);
+  std::vector<float> panel(size_t(ops::kDoraPanelRows * wide));
+  for (int64_t l = 0; l < L; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      const LoraTarget tg = LoraTarget(t);
+      if (!lora_->has(tg)) continue;
+      ops::dora_weight_norm(dora_norms_.data() + dora_offset_[size_t(l * kNumLoraTargets + t)], panel.data(),
+                            w_.layers[size_t(l)].linear(tg), lora_->A(l, tg), lora_->B(l, tg), lora_->scale(l, tg),
+                            lora_->rank(l, tg));
+    }
 }
 
 size_t LlamaGenerator::arena_bytes(const ModelConfig& cfg, int64_t max_seq, int64_t lora_rank) {
@@ -74,19 +104,37 @@ size_t LlamaGenerator::arena_bytes(const ModelConfig& cfg, int64_t max_seq, int6
 }
 
 void LlamaGenerator::set_lora(const LoraWeights* lora) {
-  if (lora && lora->config().rank > lora_rank_)
-    fail("adapter of LoRA rank ", lora->config().rank, " exceeds the rank ", lora_rank_,
-         " this generator reserved");
+  if (lora && lora->max_rank() > lora_rank_)
+    fail("adapter of LoRA rank ", lora->max_rank(), " exceeds the rank ", lora_rank_, " this generator reserved");
   lora_ = lora;
   past_ = 0;
+  set_dora_norms();
 }
 
 void LlamaGenerator::project(float* out, const float* inp, const ops::LinearWeight& w, const float* bias, int64_t l,
                              LoraTarget t, int64_t T) {
   ops::linear_forward(out, inp, w, bias, T);
-  if (lora_ && lora_->has(t))  // inference: no dropout
-    ops::lora_forward(out, h_, inp, lora_->A(l, t), lora_->B(l, t), lora_->config().scale(), T, w.in, w.out,
-                      lora_->config().rank);
+  if (!lora_ || !lora_->has(t)) return;  // inference: no dropout
+  const int64_t R = lora_->rank(l, t);
+  if (!lora_->config().dora) {
+    ops::lora_forward(out, h_, inp, lora_->A(l, t), lora_->B(l, t), lora_->scale(l, t), T, w.in, w.out, R);
+    return;
+  }
+  // DoRA without dropout, PEFT's (g - 1) (result - bias) + g s x A^T B^T, in
+  // place: the base term row by row, the LoRA term with B's rows scaled by g
+  // (no (T, OUT) buffer for it).
+  const float* n = dora_norms_.data() + dora_offset_[size_t(l * kNumLoraTargets + int(t))];
+  const float* m = lora_->M(l, t);
+  const float* B = lora_->B(l, t);
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t j = 0; j < w.out; ++j) {
+      const float g = m[j] / n[j];
+      float& y = out[i * w.out + j];
+      y += (g - 1.0f) * (bias ? y - bias[j] : y);
+    }
+  for (int64_t j = 0; j < w.out; ++j)
+    for (int64_t r = 0; r < R; ++r) dora_gb_[size_t(j * R + r)] = B[j * R + r] * (m[j] / n[j]);
+  ops::lora_forward(out, h_, inp, lora_->A(l, t), dora_gb_.data(), lora_->scale(l, t), T, w.in, w.out, R);
 }
 
 void LlamaGenerator::feed(const int32_t* tokens, int64_t T, float* logits) {

@@ -45,6 +45,14 @@ class LlamaGenerator final : public TokenGenerator {
   float *x_, *ln_, *q_, *k_, *v_, *att_, *tmp_, *gate_, *up_, *h_, *cos_, *sin_;
   float *qk_raw_, *qk_rstd_;  // qk_norm only (else null): a projection before its per-head norm, and the rstd
   int32_t* pos_;
+  // DoRA adapters only (else empty): the row norm ||W + s B A|| of every
+  // adapted module, computed when the adapter is set (it is fixed while
+  // generating), and one B scaled by the magnitudes. Outside the arena: they
+  // depend on the adapter, not on the sequence length.
+  void set_dora_norms();
+  std::vector<float> dora_norms_;
+  std::vector<size_t> dora_offset_;  // (L * targets) into dora_norms_
+  std::vector<float> dora_gb_;       // (OUT, R) of one module
 };
 
 struct SamplingOptions {

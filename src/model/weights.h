@@ -17,6 +17,7 @@
 #include "core/arena.h"
 #include "io/hf_config.h"
 #include "kernels/ops.h"
+#include "model/lora.h"
 #include "model/tensor_table.h"
 
 namespace qlora {
@@ -42,6 +43,15 @@ struct LlamaLayerWeights {
   // null when the architecture has none
   const float *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr, *o_bias = nullptr;
   const float *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
+  // The linear a LoRA target adapts, and its bias (null when none).
+  const ops::LinearWeight& linear(LoraTarget t) const {
+    const ops::LinearWeight* w[kNumLoraTargets] = {&q, &k, &v, &o, &gate, &up, &down};
+    return *w[int(t)];
+  }
+  const float* bias(LoraTarget t) const {
+    const float* b[kNumLoraTargets] = {q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias};
+    return b[int(t)];
+  }
 };
 
 struct LlamaWeights {

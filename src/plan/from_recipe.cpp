@@ -67,6 +67,9 @@ PlanInput plan_input_from_recipe(const Recipe& r, const ModelConfig& cfg) {
   in.lora.alpha = r.lora.alpha;
   in.lora.dropout = r.lora.dropout;
   in.lora.rslora = r.lora.rslora;
+  in.lora.rank_pattern = r.lora.rank_pattern;
+  in.lora.alpha_pattern = r.lora.alpha_pattern;
+  in.lora.dora = r.lora.dora;
   in.lora.seed = r.train.seed;
   in.lora.targets.fill(false);
   for (const std::string& name : r.lora.targets) {
@@ -82,6 +85,13 @@ PlanInput plan_input_from_recipe(const Recipe& r, const ModelConfig& cfg) {
            "up_proj or down_proj");
   }
 
+  // llama.cpp's LoRA adapter GGUF has no place for DoRA's magnitudes (its
+  // convert_lora_to_gguf.py stops at any tensor but lora_A/lora_B, and
+  // llama-adapter.cpp throws on other suffixes).
+  if (r.lora.dora && r.output.gguf)
+    fail("output.gguf: llama.cpp's LoRA adapter format cannot hold DoRA (lora.dora: true); merge it instead "
+         "(qlora merge -o model.gguf: DoRA applied to the weights), or set lora.dora: false");
+
   in.seq_len = r.data.seq_len;
   in.micro_batch = r.train.micro_batch;
   in.checkpointing = r.train.checkpointing;
@@ -91,6 +101,7 @@ PlanInput plan_input_from_recipe(const Recipe& r, const ModelConfig& cfg) {
   in.optimizer.eps = r.train.eps;
   in.optimizer.weight_decay = r.train.weight_decay;
   in.optimizer.momentum = r.train.momentum;
+  in.optimizer.plus_lr_ratio = r.lora.plus_lr_ratio;
 
   const bool budget_given = r.device.memory_budget != "auto";
   if (r.device.backend == "cpu") {

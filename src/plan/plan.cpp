@@ -11,13 +11,16 @@ namespace qlora {
 namespace plan_detail {
 
 uint64_t lora_param_count(const ModelConfig& cfg, const LoraConfig& lc) {
+  const std::vector<LoraModuleParams> mp = lora_module_params(cfg, lc);
   uint64_t n = 0;
-  for (int t = 0; t < kNumLoraTargets; ++t)
-    if (lc.targets[size_t(t)]) {
-      const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
-      n += uint64_t(lc.rank) * uint64_t(in + out);
-    }
-  return n * uint64_t(cfg.num_hidden_layers);
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t)
+      if (lc.targets[size_t(t)]) {
+        const auto [in, out] = lora_target_dims(cfg, LoraTarget(t));
+        const uint64_t r = uint64_t(mp[size_t(l * kNumLoraTargets + t)].rank);
+        n += r * uint64_t(in + out) + (lc.dora ? uint64_t(out) : 0);  // A, B (+ DoRA magnitude)
+      }
+  return n;
 }
 
 void add(MemoryPlan& p, std::string category, std::string name, uint64_t bytes, std::string dtype,
@@ -135,15 +138,28 @@ void validate(const PlanInput& in) {
          rope_scaling_name(c.rope_scaling.type), ")");
   }
   if (in.lora.rank < 1) fail("lora.rank: must be at least 1, got ", in.lora.rank);
+  if (in.lora.dora && in.backend == PlanBackend::cuda)
+    fail("lora.dora: DoRA has no CUDA implementation yet (the CPU backend has it); use device.backend: cpu or "
+         "lora.dora: false");
+  std::vector<LoraModuleParams> mp;
+  try {
+    mp = lora_module_params(c, in.lora);
+  } catch (const Error& e) {
+    fail("lora.", e.what());  // "lora.rank_pattern key 'x' matches no module ..."
+  }
   bool any = false;
   for (int t = 0; t < kNumLoraTargets; ++t) {
     if (!in.lora.targets[size_t(t)]) continue;
     any = true;
     const auto [d_in, d_out] = lora_target_dims(c, LoraTarget(t));
     const int64_t smaller = std::min(d_in, d_out);
-    if (in.lora.rank > smaller)
-      fail("lora.rank: ", in.lora.rank, " is larger than the smaller dimension (", smaller, ") of ",
-           lora_target_module(LoraTarget(t)), " [in ", d_in, ", out ", d_out, "]");
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const int64_t r = mp[size_t(l * kNumLoraTargets + t)].rank;
+      if (r > smaller)
+        fail(r == in.lora.rank ? "lora.rank: " : "lora.rank_pattern: ", r,
+             " is larger than the smaller dimension (", smaller, ") of ", lora_module_name(l, LoraTarget(t)),
+             " [in ", d_in, ", out ", d_out, "]");
+    }
   }
   if (!any) fail("lora.targets: no target module; expected at least one of q_proj ... down_proj");
   if (in.quantize && !in.prequantized && !valid_block4(in.block))

@@ -80,11 +80,18 @@ void add_cuda_buffers(MemoryPlan& p) {
   const uint64_t B = uint64_t(in.micro_batch), T = uint64_t(in.seq_len), N = B * T;
   const uint64_t C = uint64_t(c.hidden_size), I = uint64_t(c.intermediate_size), QD = uint64_t(c.q_dim()),
                  KVD = uint64_t(c.kv_dim()), L = uint64_t(c.num_hidden_layers),
-                 H = uint64_t(c.num_attention_heads), V = uint64_t(c.vocab_size), D = uint64_t(c.head_dim),
-                 R = uint64_t(in.lora.rank);
+                 H = uint64_t(c.num_attention_heads), V = uint64_t(c.vocab_size), D = uint64_t(c.head_dim);
   const uint64_t wide = std::max({C, I, QD});
   uint64_t n_targets = 0;
-  for (bool t : in.lora.targets) n_targets += t ? 1 : 0;
+  // R: the largest rank of any module (the shared LoRA-hidden gradient);
+  // sum_R: the LoRA hiddens of one layer, each target at its largest rank.
+  uint64_t R = 0, sum_R = 0;
+  for (int t = 0; t < kNumLoraTargets; ++t) {
+    const uint64_t r = uint64_t(lora_max_rank(c, in.lora, LoraTarget(t)));
+    n_targets += in.lora.targets[size_t(t)] ? 1 : 0;
+    R = std::max(R, r);
+    sum_R += r;
+  }
   const std::string qname(quant4_name(in.quant_type));
 
   // ---- base weights (persistent, device)
@@ -133,13 +140,20 @@ void add_cuda_buffers(MemoryPlan& p) {
         in.optimizer.kind == OptimizerKind::sgd ? "momentum buffer when momentum > 0" : "m and v, fp32");
   }
 
+  if (in.optimizer.plus_lr_ratio != 1.0 && n_targets > 0) {
+    // engine_cuda: one [begin, end) int64 pair per B (and DoRA magnitude).
+    const uint64_t ranges = L * n_targets * (in.lora.dora ? 2 : 1);
+    add(p, "optimizer", "LoRA+ ranges", ranges * 16, "int64", Lifetime::persistent, Place::device,
+        "where B (and DoRA magnitudes) step at lr x lora.plus_lr_ratio: 2 x int64 per range");
+  }
+
   // ---- activations: one layer's saved set (bf16 tensors, fp32 statistics),
   // as the CPU model's LayerActs.
   // qwen3's q/k norms keep q and k before the norm (bf16) and their rstd (fp32) too.
   const uint64_t KVH = uint64_t(c.num_key_value_heads);
   const uint64_t qk_norm = c.qk_norm ? N * (kBf16 * (QD + KVD) + kF32 * (H + KVH)) : 0;
   const uint64_t layer_set =
-      N * (kBf16 * (C + QD + 2 * KVD + QD + C + C + 3 * I + n_targets * R) + kF32 * (1 + H + 1)) + qk_norm;
+      N * (kBf16 * (C + QD + 2 * KVD + QD + C + C + 3 * I + sum_R) + kF32 * (1 + H + 1)) + qk_norm;
   const uint64_t outputs = (L + 1) * N * C * kBf16;
   if (in.checkpointing) {
     add(p, "activations", "checkpointed layer inputs", outputs, "bf16", Lifetime::per_step, Place::device,

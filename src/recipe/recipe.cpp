@@ -411,6 +411,30 @@ void read_lora(const Source& src, const Section& s, RecipeLora& l) {
   if (auto it = s["rslora"]) l.rslora = read_bool(src, *it);
   if (auto it = s["targets"]) l.targets = read_targets(src, *it);
   if (auto it = s["init"]) l.init = read_nonempty(src, *it, "default or a PEFT adapter folder");
+  // {pattern: value} maps; whether each pattern names a module of the model
+  // is checked against the model's config (make_plan), as PEFT matches them.
+  auto read_pattern = [&](const char* key, const std::string& what, auto read_value, auto& dst) {
+    const auto it = s[key];
+    if (!it) return;
+    if (!it->node.IsMap()) expected(src, *it, "a map of module-name patterns to " + what + ", e.g. {down_proj: 8}");
+    dst.clear();
+    for (auto kv = it->node.begin(); kv != it->node.end(); ++kv) {
+      const std::string k = key_text(kv->first);
+      const Item value{it->path + "." + k, kv->second, kv->second.IsNull() ? kv->first.Mark() : kv->second.Mark()};
+      if (k.empty()) expected(src, value, "a non-empty module-name pattern");
+      for (const auto& [seen, v] : dst)
+        if (seen == k) expected(src, value, "each pattern once ('" + k + "' is given twice)");
+      dst.emplace_back(k, read_value(value));
+    }
+  };
+  read_pattern("rank_pattern", "ranks", [&](const Item& v) { return read_int(src, v, 1, "a rank (an integer >= 1)"); },
+               l.rank_pattern);
+  read_pattern("alpha_pattern", "alphas",
+               [&](const Item& v) { return read_number(src, v, positive, "an alpha (a number > 0)"); },
+               l.alpha_pattern);
+  if (auto it = s["dora"]) l.dora = read_bool(src, *it);
+  if (auto it = s["plus_lr_ratio"])
+    l.plus_lr_ratio = read_number(src, *it, positive, "a number > 0 (LoRA+: B's learning rate over A's; 1 = off)");
 }
 
 void read_data(const Source& src, const Section& s, RecipeData& d) {

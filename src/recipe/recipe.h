@@ -44,6 +44,12 @@ struct RecipeLora {
   // "attention" (q, k, v, o), expanded here.
   std::vector<std::string> targets{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   std::string init = "default";     // "default" (A kaiming-uniform, B zero) or a PEFT adapter folder
+  // PEFT's rank_pattern / alpha_pattern: {module-name pattern: value}, in the
+  // order written (the first matching key wins; model/lora.h).
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+  bool dora = false;                // PEFT's use_dora
+  double plus_lr_ratio = 1.0;       // LoRA+: B's (and DoRA magnitudes') lr = ratio x train.lr; 1 = off
 };
 
 struct RecipeData {

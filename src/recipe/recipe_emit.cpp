@@ -18,7 +18,9 @@ namespace {
 
 using StringList = std::vector<std::string>;
 using StringMap = std::vector<std::pair<std::string, std::string>>;
-using Value = std::variant<int64_t, uint64_t, double, bool, std::string, StringList, StringMap>;
+using IntMap = std::vector<std::pair<std::string, int64_t>>;
+using NumberMap = std::vector<std::pair<std::string, double>>;
+using Value = std::variant<int64_t, uint64_t, double, bool, std::string, StringList, StringMap, IntMap, NumberMap>;
 
 struct Entry {
   std::string section, key;
@@ -41,6 +43,10 @@ std::vector<Entry> entries(const Recipe& r) {
       {"lora", "rslora", r.lora.rslora},
       {"lora", "targets", r.lora.targets},
       {"lora", "init", r.lora.init},
+      {"lora", "rank_pattern", r.lora.rank_pattern},
+      {"lora", "alpha_pattern", r.lora.alpha_pattern},
+      {"lora", "dora", r.lora.dora},
+      {"lora", "plus_lr_ratio", r.lora.plus_lr_ratio},
       {"data", "train", r.data.train},
       {"data", "val", val},
       {"data", "format", r.data.format},
@@ -153,12 +159,26 @@ void emit_value(YAML::Emitter& out, const Value& v) {
           out << YAML::BeginSeq;
           for (const auto& s : x) emit_string(out, s);
           out << YAML::EndSeq;
-        } else {
+        } else if constexpr (std::is_same_v<T, StringMap>) {
           if (x.empty()) out << YAML::Flow;
           out << YAML::BeginMap;
           for (const auto& [k, s] : x) {
             out << YAML::Key << k << YAML::Value;
             emit_string(out, s);
+          }
+          out << YAML::EndMap;
+        } else {
+          // rank_pattern / alpha_pattern, in their order (it decides which key wins).
+          if (x.empty()) out << YAML::Flow;
+          out << YAML::BeginMap;
+          for (const auto& [k, n] : x) {
+            out << YAML::Key;
+            emit_string(out, k);
+            out << YAML::Value;
+            if constexpr (std::is_same_v<T, IntMap>)
+              out << std::to_string(n);
+            else
+              out << number_text(n);
           }
           out << YAML::EndMap;
         }
@@ -174,6 +194,12 @@ void emit_value(YAML::Emitter& out, const Value& v) {
 bool hash_excluded(const Entry& e) {
   if (e.section == "output" || e.section == "logging" || e.section == "device") return true;
   const std::string p = e.section + "." + e.key;
+  // Keys added after checkpoints existed enter the hash only when set, so a
+  // run saved by an earlier version still resumes.
+  if (p == "lora.rank_pattern" && std::get<IntMap>(e.value).empty()) return true;
+  if (p == "lora.alpha_pattern" && std::get<NumberMap>(e.value).empty()) return true;
+  if (p == "lora.dora" && !std::get<bool>(e.value)) return true;
+  if (p == "lora.plus_lr_ratio" && std::get<double>(e.value) == 1.0) return true;
   for (const char* k : {"model.preset", "data.cache", "data.threads", "train.epochs", "train.max_steps",
                         "train.eval_every", "train.save_every", "train.keep_checkpoints"})
     if (p == k) return true;
@@ -209,6 +235,19 @@ std::string canonical_value(const Value& v) {
             quoted(out, x[i]);
           }
           out += "]";
+        } else if constexpr (std::is_same_v<T, IntMap> || std::is_same_v<T, NumberMap>) {
+          // Patterns in their order: it decides which key wins.
+          out = "{";
+          for (size_t i = 0; i < x.size(); ++i) {
+            if (i) out += ",";
+            quoted(out, x[i].first);
+            out += ":";
+            if constexpr (std::is_same_v<T, IntMap>)
+              out += std::to_string(x[i].second);
+            else
+              out += number_text(x[i].second);
+          }
+          out += "}";
         } else {
           // Field overrides are a set: their order in the file does not matter.
           StringMap sorted = x;

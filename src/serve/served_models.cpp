@@ -76,7 +76,7 @@ const LoraWeights* ServedModels::adapter(const std::string& name) const {
 
 int64_t ServedModels::max_rank() const {
   int64_t r = 1;
-  for (const auto& [name, w] : adapters_) r = std::max(r, w->config().rank);
+  for (const auto& [name, w] : adapters_) r = std::max(r, w->max_rank());
   return r;
 }
 
@@ -105,7 +105,7 @@ std::string served_memory_table(const ServedModels& m, int64_t context, int gene
     if (!a) continue;
     const auto bytes = LoraWeights::arena_bytes(cfg, a->config());
     std::snprintf(line, sizeof line, "  %-34s %12s (r=%lld; + %s gradient arena, never touched)\n",
-                  ("adapter " + name).c_str(), mib(bytes.params).c_str(), (long long)a->config().rank,
+                  ("adapter " + name).c_str(), mib(bytes.params).c_str(), (long long)a->max_rank(),
                   mib(bytes.grads).c_str());
     t += line;
     total += bytes.params;

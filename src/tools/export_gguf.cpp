@@ -92,6 +92,14 @@ AdapterExportReport export_adapter_gguf(const fs::path& adapter, const fs::path&
   // Checks every tensor's name and shape against this base.
   const LoraWeights lora = LoraWeights::load_peft(adapter, cfg);
   const LoraConfig& lc = lora.config();
+  // llama.cpp's adapter format is lora_a/lora_b pairs and one alpha: its
+  // convert_lora_to_gguf.py exits on a lora_magnitude_vector tensor and
+  // llama-adapter.cpp throws on an unknown suffix, so a DoRA adapter has no
+  // faithful GGUF adapter form. Merging applies the magnitudes exactly.
+  if (lc.dora)
+    fail((adapter / "adapter_config.json").string(), ": use_dora is true; llama.cpp's LoRA adapter GGUF has no "
+         "DoRA magnitudes (lora_magnitude_vector), so it cannot be exported as an adapter; merge it instead "
+         "(qlora merge --model ... --adapter ... -o model.gguf)");
   rep.architecture = gguf_architecture(cfg.arch);
   rep.rank = lc.rank;
   rep.alpha = lc.alpha;
@@ -116,12 +124,12 @@ AdapterExportReport export_adapter_gguf(const fs::path& adapter, const fs::path&
     bool is_a;
   };
   std::vector<Item> items;
-  const int64_t R = lc.rank;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
     for (int t = 0; t < kNumLoraTargets; ++t) {
       const LoraTarget tg = LoraTarget(t);
       if (!lora.has(tg)) continue;
       const auto [in, out] = lora_target_dims(cfg, tg);
+      const int64_t R = lora.rank(l, tg);
       const std::string base = gguf_module_name(base_kind(tg), l) + ".weight";
       w.add_tensor(base + ".lora_a", {in, R}, opt.type);   // A [R, IN]
       w.add_tensor(base + ".lora_b", {R, out}, opt.type);  // B [OUT, R]
@@ -133,8 +141,18 @@ AdapterExportReport export_adapter_gguf(const fs::path& adapter, const fs::path&
   for (const Item& it : items) {
     const auto [in, out] = lora_target_dims(cfg, it.target);
     const float* src = it.is_a ? lora.A(it.layer, it.target) : lora.B(it.layer, it.target);
+    const int64_t R = lora.rank(it.layer, it.target);
     const int64_t n = it.is_a ? R * in : out * R;
     buf.assign(src, src + n);
+    // llama.cpp scales every module by the file's one alpha over that
+    // module's rank (its lora_a's rows). A module whose own scale differs
+    // (alpha_pattern, or rsLoRA under rank_pattern) has the ratio folded
+    // into its B (one fp32 multiply; nothing changes where the ratio is 1).
+    if (!it.is_a) {
+      const double fold = double(lora.scale(it.layer, it.target)) * double(R) / rep.written_alpha;
+      if (float(fold) != 1.0f)
+        for (float& x : buf) x = float(double(x) * fold);
+    }
     // lora_b's rows are the projection's output rows: in the base's GGUF order.
     if (!it.is_a)
       if (const int64_t heads = gguf_qk_heads(cfg, base_kind(it.target)); heads > 0)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -72,6 +73,20 @@ void add_lora_delta(float* out, int64_t c, int64_t len, int64_t IN, const float*
   }
 }
 
+// DoRA (PEFT's merge): rows [0, rows) of w (rows, IN), already W + s B A,
+// each scaled by m[o0 + row] / ||row||: the magnitude over the norm of the
+// merged row, as DoraLinearVariant.merge_safe computes it.
+void apply_dora_rows(float* w, int64_t o0, int64_t rows, int64_t IN, const float* m) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = w + r * IN;
+    double ss = 0.0;
+    for (int64_t i = 0; i < IN; ++i) ss += double(row[i]) * double(row[i]);
+    const float factor = m[o0 + r] / float(std::sqrt(ss));
+    for (int64_t i = 0; i < IN; ++i) row[i] *= factor;
+  }
+}
+
 // Streams each planned tensor into a SafetensorsWriter or a GgufWriter (both
 // take bytes in declaration order).
 class TensorStreamer {
@@ -115,6 +130,13 @@ class TensorStreamer {
       chunk = std::max(unit, kChunk / unit * unit);
       if (buf_.size() < size_t(std::min(chunk, n))) buf_.resize(size_t(std::min(chunk, n)));
     }
+    // DoRA scales whole rows by their norm: chunks of whole rows (and blocks).
+    const bool dora = t.adapted && lora_.config().dora;
+    if (dora && head_rows == 0) {
+      const int64_t unit = std::lcm(cols, q ? q->block : int64_t(1));
+      chunk = std::max(unit, kChunk / unit * unit);
+      if (buf_.size() < size_t(std::min(chunk, n))) buf_.resize(size_t(std::min(chunk, n)));
+    }
     for (int64_t c = 0; c < n; c += chunk) {
       const int64_t len = std::min(chunk, n - c);
       if (q) {
@@ -127,7 +149,8 @@ class TensorStreamer {
       if (t.adapted) {
         const LoraTarget tg = *t.adapted;
         add_lora_delta(buf_.data(), c, len, cols, lora_.A(t.slot->layer, tg), lora_.B(t.slot->layer, tg),
-                       lora_.config().rank, lora_.config().scale());
+                       lora_.rank(t.slot->layer, tg), lora_.scale(t.slot->layer, tg));
+        if (dora) apply_dora_rows(buf_.data(), c / cols, len / cols, cols, lora_.M(t.slot->layer, tg));
       }
       if (head_rows > 0) {
         const int64_t rows = len / cols;

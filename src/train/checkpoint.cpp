@@ -1,6 +1,7 @@
 #include "train/checkpoint.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -59,6 +60,13 @@ std::optional<double> optional_from(const nlohmann::json& j, const char* key) {
   return j.at(key).get<double>();
 }
 
+// The shortest decimal text that reads back as the same double.
+std::string number_repr(double v) {
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, res.ptr);
+}
+
 // The files of a checkpoint besides state.json, which records their sizes
 // and digests ("checksums") and a digest of itself ("state_digest").
 constexpr const char* kChecksummedFiles[] = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors",
@@ -108,9 +116,12 @@ void write_optimizer_state(const fs::path& file, Optimizer& opt) {
   const auto state = opt.state();
   std::vector<TensorSpec> specs;
   for (const auto& t : state) specs.push_back({t.name, DType::F32, {int64_t(t.n)}});
-  const std::map<std::string, std::string> metadata{{"format", kOptimizerFormat},
-                                                    {"optimizer", optimizer_kind_name(opt.config().kind)},
-                                                    {"steps", std::to_string(opt.steps())}};
+  std::map<std::string, std::string> metadata{{"format", kOptimizerFormat},
+                                              {"optimizer", optimizer_kind_name(opt.config().kind)},
+                                              {"steps", std::to_string(opt.steps())}};
+  // LoRA+ changes every later update of B: kept beside the state it shaped
+  // (exact decimal text; absent means 1, as files before LoRA+ were written).
+  if (opt.config().plus_lr_ratio != 1.0) metadata["plus_lr_ratio"] = number_repr(opt.config().plus_lr_ratio);
   SafetensorsWriter w(file, specs, metadata);
   for (const auto& t : state) w.write(t.data, t.n * sizeof(float));
   w.commit();
@@ -294,6 +305,13 @@ TrainState load_checkpoint(const fs::path& ckpt, LoraWeights& lora, Optimizer& o
     steps = std::stoll(meta("steps"));
   } catch (const std::exception&) {
     fail(of.path().string(), ": metadata \"steps\" is not an integer: \"", meta("steps"), "\"");
+  }
+  {
+    const auto it = md.find("plus_lr_ratio");
+    const std::string have = it == md.end() ? number_repr(1.0) : it->second;
+    if (have != number_repr(opt.config().plus_lr_ratio))
+      fail(of.path().string(), ": the checkpoint was trained with lora.plus_lr_ratio ", have, ", this run uses ",
+           number_repr(opt.config().plus_lr_ratio));
   }
   const auto state = opt.state();
   for (const auto& t : state) {

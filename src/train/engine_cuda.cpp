@@ -47,6 +47,16 @@ class CudaEngine final : public StepEngine {
       m_ = DeviceBuffer<float>(size_t(n_));  // adamw m, or sgd's momentum buffer
       if (c.kind == OptimizerKind::adamw) v_ = DeviceBuffer<float>(size_t(n_));
     }
+    // LoRA+: the optimizer's ranges as [begin, end) pairs on the device.
+    if (c.plus_lr_ratio != 1.0 && !opt_.plus_ranges().empty()) {
+      std::vector<int64_t> r;
+      for (const FlatRange& fr : opt_.plus_ranges()) {
+        r.push_back(int64_t(fr.begin));
+        r.push_back(int64_t(fr.end));
+      }
+      plus_ = DeviceBuffer<int64_t>(r.size());
+      plus_.upload(r.data(), r.size());
+    }
     norm_ws_ = DeviceBuffer<uint8_t>(cuda_ops::sum_squares_workspace_bytes(n_));
     norm_ = DeviceBuffer<double>(1);
     push();
@@ -82,6 +92,9 @@ class CudaEngine final : public StepEngine {
     st.eps = c.eps;
     st.weight_decay = c.weight_decay;
     st.momentum = c.momentum;
+    st.plus_lr_ratio = c.plus_lr_ratio;
+    st.plus = plus_.data();
+    st.n_plus = int64_t(plus_.size() / 2);
     if (paged_) {
       paged_->step(model_.lora_master(), model_.lora_bf16(), model_.lora_grads(), st);
     } else {
@@ -145,6 +158,7 @@ class CudaEngine final : public StepEngine {
   std::unique_ptr<PagedAdamState> paged_;
   DeviceBuffer<uint8_t> norm_ws_;
   DeviceBuffer<double> norm_;
+  DeviceBuffer<int64_t> plus_;  // LoRA+ ranges, [begin, end) pairs (empty: plain LoRA)
 };
 
 }  // namespace

@@ -34,6 +34,8 @@ void check_config(const OptimizerConfig& c) {
   if (adam && !(c.eps >= 0.0)) fail("optimizer: eps must be >= 0, got ", c.eps);
   if (!(c.weight_decay >= 0.0)) fail("optimizer: weight_decay must be >= 0, got ", c.weight_decay);
   if (!(c.momentum >= 0.0)) fail("optimizer: momentum must be >= 0, got ", c.momentum);
+  if (!(c.plus_lr_ratio > 0.0) || !std::isfinite(c.plus_lr_ratio))
+    fail("optimizer: lora.plus_lr_ratio must be > 0, got ", c.plus_lr_ratio);
 }
 
 }  // namespace
@@ -64,23 +66,51 @@ size_t optimizer_state_bytes(const OptimizerConfig& c, size_t n_params) {
   return measure.used();
 }
 
-Optimizer::Optimizer(const OptimizerConfig& c, size_t n_params)
-    : c_(c), n_(n_params), state_(optimizer_state_bytes(c, n_params), "optimizer state") {
+Optimizer::Optimizer(const OptimizerConfig& c, size_t n_params, std::vector<FlatRange> plus_ranges)
+    : c_(c), n_(n_params), plus_(std::move(plus_ranges)), state_(optimizer_state_bytes(c, n_params), "optimizer state") {
   check_config(c);
+  size_t prev = 0;
+  for (const FlatRange& r : plus_) {
+    if (r.begin < prev || r.end < r.begin || r.end > n_)
+      fail("optimizer: LoRA+ ranges must be sorted, disjoint and inside the ", n_, " parameters");
+    prev = r.end;
+  }
   layout_state(c_, n_, state_, &m_, &v_);
+}
+
+// LoRA+ as PEFT's create_loraplus_optimizer builds it: one torch param group
+// at lr (A) and one at lr * ratio (B, and 1-d parameters such as DoRA's
+// magnitudes), both with the run's weight decay. Each group is the plain
+// update at its own learning rate, so the ranges are stepped one by one.
+void Optimizer::step(float* params, const float* grads, double lr) {
+  const int64_t t = t_ + 1;  // torch increments the step before using it
+  if (c_.plus_lr_ratio == 1.0 || plus_.empty()) {
+    update(params, grads, 0, int64_t(n_), lr, t);
+  } else {
+    const double lr_b = lr * c_.plus_lr_ratio;
+    size_t at = 0;
+    for (const FlatRange& r : plus_) {
+      if (r.begin > at) update(params, grads, int64_t(at), int64_t(r.begin), lr, t);
+      update(params, grads, int64_t(r.begin), int64_t(r.end), lr_b, t);
+      at = r.end;
+    }
+    if (at < n_) update(params, grads, int64_t(at), int64_t(n_), lr, t);
+  }
+  t_ = t;
 }
 
 // Every constant is rounded to fp32 once and every operation is done in fp32
 // in the order of torch's single-tensor paths (torch turns a Python scalar
 // into the tensor's dtype before the element loop), so the results match
 // torch.optim within the few ulps that its vectorised FMAs contribute.
-void Optimizer::step(float* params, const float* grads, double lr) {
-  const int64_t n = int64_t(n_);
-  const int64_t t = t_ + 1;  // torch increments the step before using it
+void Optimizer::update(float* params, const float* grads, int64_t lo, int64_t hi, double lr, int64_t t) {
+  const int64_t n = hi - lo;
+  params += lo;
+  grads += lo;
   if (c_.kind == OptimizerKind::sgd) {
     const float wd = float(c_.weight_decay), mom = float(c_.momentum), neg_lr = float(-lr);
     const bool first = t == 1;  // torch initialises the buffer with the first d_p
-    float* buf = m_;
+    float* buf = m_ ? m_ + lo : nullptr;
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) {
       float d = grads[i];
@@ -101,8 +131,8 @@ void Optimizer::step(float* params, const float* grads, double lr) {
     const float neg_step_size = float(-(lr / bias_correction1));
     const float bc2_sqrt = float(std::sqrt(bias_correction2));
     const float eps = float(c_.eps);
-    float* m = m_;
-    float* v = v_;
+    float* m = m_ + lo;
+    float* v = v_ + lo;
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
     for (int64_t i = 0; i < n; ++i) {
       // torch: param.mul_(1 - lr * weight_decay)
@@ -121,7 +151,6 @@ void Optimizer::step(float* params, const float* grads, double lr) {
       params[i] = p;
     }
   }
-  t_ = t;
 }
 
 std::vector<Optimizer::StateTensor> Optimizer::state() {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/arena.h"
+#include "core/flat_range.h"
 
 namespace qlora {
 
@@ -25,7 +26,12 @@ struct OptimizerConfig {
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double weight_decay = 0.0;
   double momentum = 0.0;  // sgd
+  // LoRA+ (PEFT's create_loraplus_optimizer): the elements in `plus_ranges`
+  // (the B matrices and DoRA magnitudes: LoraWeights::plus_ranges) step at
+  // lr * plus_lr_ratio, everything else at lr. 1 = plain LoRA.
+  double plus_lr_ratio = 1.0;
 };
+
 
 // Bytes of the state arena for n_params fp32 parameters (AdamW: m and v;
 // SGD: the momentum buffer when momentum > 0, else nothing). paged_adamw has
@@ -34,10 +40,12 @@ size_t optimizer_state_bytes(const OptimizerConfig& c, size_t n_params);
 
 class Optimizer {
  public:
-  Optimizer(const OptimizerConfig& c, size_t n_params);
+  // plus_ranges: sorted, disjoint, inside [0, n_params): where
+  // c.plus_lr_ratio applies (ignored when the ratio is 1).
+  Optimizer(const OptimizerConfig& c, size_t n_params, std::vector<FlatRange> plus_ranges = {});
 
   // One update of params from grads (both n_params floats) at learning rate
-  // lr; increments steps().
+  // lr (lr * plus_lr_ratio inside plus_ranges); increments steps().
   void step(float* params, const float* grads, double lr);
   int64_t steps() const { return t_; }
 
@@ -52,10 +60,15 @@ class Optimizer {
   void set_steps(int64_t t) { t_ = t; }
   size_t state_bytes() const { return state_.capacity(); }
   const OptimizerConfig& config() const { return c_; }
+  const std::vector<FlatRange>& plus_ranges() const { return plus_; }
 
  private:
+  // The update of elements [lo, hi) at learning rate lr, step t.
+  void update(float* params, const float* grads, int64_t lo, int64_t hi, double lr, int64_t t);
+
   OptimizerConfig c_;
   size_t n_;
+  std::vector<FlatRange> plus_;
   int64_t t_ = 0;
   Arena state_;
   float *m_ = nullptr, *v_ = nullptr;

@@ -16,8 +16,9 @@ namespace qlora {
 const char* qlora_version();
 
 // adapter_config.json's contents for this adapter (PEFT's LoraConfig fields:
-// target_modules sorted, bias "none", inference_mode true, ...).
-nlohmann::json peft_adapter_config(const LoraConfig& lc, const std::string& base_model_name_or_path);
+// target_modules sorted, bias "none", inference_mode true, use_dora,
+// rank_pattern / alpha_pattern in their own order, ...).
+nlohmann::ordered_json peft_adapter_config(const LoraConfig& lc, const std::string& base_model_name_or_path);
 
 // Writes dir/adapter_config.json and dir/adapter_model.safetensors (PEFT
 // names, lora_A [r, in], lora_B [out, r], F32 so the round trip is exact,

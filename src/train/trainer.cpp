@@ -157,6 +157,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   // 6: LoRA adapters, fresh (PEFT's init) or continued from an adapter folder.
   LoraWeights lora(cfg, planned.lora);
   lora.init_default(r.train.seed);
+  init_dora_magnitudes(lora, setup.weights);  // DoRA (CPU only: the plan refuses it on CUDA)
   if (r.lora.init != "default") {
     try {
       const LoraWeights from = load_matching_adapter(r.lora.init, lora, cfg);
@@ -165,7 +166,7 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
       fail("lora.init: ", e.what(), " (set the lora section to the adapter's)");
     }
   }
-  Optimizer opt(planned.optimizer, lora.flat_size());
+  Optimizer opt(planned.optimizer, lora.flat_size(), lora.plus_ranges());
   const std::unique_ptr<StepEngine> engine =
       planned.backend == PlanBackend::cuda
           ? make_cuda_engine(setup.model_dir, setup.weight_options, lora, opt, planned.micro_batch,

@@ -21,6 +21,12 @@ TRAINED = {
     "qwen2-rslora": ("qwen2-bias", dict(rank=16, alpha=8, dropout=0.0, targets="all-linear", rslora=True)),
     "mistral-dropout": ("mistral", dict(rank=8, alpha=16, dropout=0.1, targets="attention", rslora=False)),
     "smollm2-all-dropout": ("smollm2-135m", dict(rank=8, alpha=16, dropout=0.05, targets="all-linear", rslora=False)),
+    # DoRA, per-module ranks and alphas (issue 17): PEFT must read use_dora, the magnitudes and the patterns
+    "llama-dora-patterns": ("llama-gqa-rope3", dict(rank=8, alpha=16, dropout=0.0, targets="all-linear", rslora=False,
+                                                    dora=True, rank_pattern={"down_proj": 4, "layers.0.mlp.up_proj": 2},
+                                                    alpha_pattern={"v_proj": 24})),
+    "qwen2-dora-bias-dropout": ("qwen2-bias", dict(rank=4, alpha=8, dropout=0.1, targets="all-linear", rslora=True,
+                                                   dora=True)),
 }
 
 
@@ -166,6 +172,14 @@ PEFT_MADE = {
     "mistral-window-r4-a8-all7": ("mistral-window", dict(r=4, lora_alpha=8, target_modules=ALL7)),
     "smollm2-r8-a16-all7": ("smollm2-135m", dict(r=8, lora_alpha=16, target_modules=ALL7)),
     "llama-r4-a8-all-linear": ("llama-gqa-rope3", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    # issue 17: DoRA (use_dora), per-module ranks and alphas (first matching key wins)
+    "llama-dora-all7": ("llama-gqa-rope3", dict(r=4, lora_alpha=8, target_modules=ALL7, use_dora=True)),
+    "qwen2-dora-rslora-bias": ("qwen2-bias", dict(r=8, lora_alpha=4, use_rslora=True, use_dora=True,
+                                                  target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])),
+    "llama-rank-alpha-pattern": ("llama-gqa-rope3", dict(r=8, lora_alpha=16, target_modules=ALL7,
+                                                         rank_pattern={"layers.1.self_attn.q_proj": 2, "q_proj": 4,
+                                                                       r"model\.layers\.0\.mlp\.(up|down)_proj": 3},
+                                                         alpha_pattern={"v_proj": 64, "down_proj": 5})),
 }
 
 
@@ -211,26 +225,48 @@ def test_qlora_loads_peft_adapter(key, tmp_path):
     assert g_ref == g_ours
 
 
-def test_rank_pattern_refused_by_name(tmp_path):
-    """A PEFT adapter with rank_pattern (a per-module rank) is not supported: qlora refuses it with a
-    message naming the tensor or the key, and writes nothing."""
-    lib("peft")
+def test_rank_pattern_round_trip(tmp_path):
+    """rank_pattern / alpha_pattern from PEFT to qlora and back: PEFT's adapter (patterns, first key
+    wins, a regex) loads in qlora with PEFT's loss; `qlora run` continuing from it (lora.init, the same
+    patterns in the recipe) writes them back in PEFT's form, which PEFT reads with the same ranks."""
+    peft = lib("peft")
+    mname, kw = PEFT_MADE["llama-rank-alpha-pattern"]
     adapter = tmp_path / "adapter"
-    peft_adapter("llama-gqa-rope3", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                         rank_pattern={"v_proj": 4}), adapter)
-    data = write_tokens_jsonl(tmp_path / "eval.jsonl", token_docs(1, 16, 512, seed=1))
-    r = run_qlora("eval", "--model", model_dir("llama-gqa-rope3"), "--adapter", adapter, "--data", data,
-                  "--format", "tokens", "--quant", "none", "--json", check=False)
-    msg = (r.stderr + r.stdout).strip()
-    report("peft.rank_pattern", "PEFT adapter with rank_pattern={'v_proj': 4} (r=8) in qlora eval", version("peft"),
-           f"exit {r.returncode}: {msg.splitlines()[-1] if msg else ''}")
-    assert r.returncode != 0
-    assert "rank_pattern" in msg
+    model = peft_adapter(mname, kw, adapter)
+    mdir = model_dir(mname)
+    ranks = {n.rsplit(".lora_A", 1)[0]: int(p.shape[0]) for n, p in model.named_parameters() if ".lora_A." in n}
+    docs = token_docs(2, 32, 512, seed=2)
+    data = write_tokens_jsonl(tmp_path / "eval.jsonl", docs)
+    ours = qlora_eval_loss(run_qlora, mdir, data, 32, adapter=adapter, quant="none")["loss"]
+    ref = torch_loss(model, docs)
+    # qlora writes them back: a zero-step run from the adapter, recipe patterns as PEFT's
+    out = tmp_path / "run"
+    recipe = {
+        "model": {"path": str(mdir)}, "quant": {"type": "none"},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear", "init": str(adapter),
+                 "rank_pattern": kw["rank_pattern"], "alpha_pattern": kw["alpha_pattern"]},
+        "data": {"train": str(data), "format": "tokens", "chat_template": "none", "seq_len": 32, "cache": False},
+        "train": {"max_steps": 1, "lr": 1e-12, "schedule": "constant", "max_grad_norm": 0.0},
+        "device": {"backend": "cpu"}, "output": {"dir": str(out)}, "logging": {"report": False},
+    }
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    run_qlora("run", tmp_path / "r.yaml", "--overwrite", "--no-samples")
+    written = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    back = peft.PeftModel.from_pretrained(fp32_base(mdir), str(out / "adapter"))
+    back_ranks = {n.rsplit(".lora_A", 1)[0]: int(p.shape[0]) for n, p in back.named_parameters() if ".lora_A." in n}
+    report("peft.rank_pattern", f"PEFT adapter {kw} in qlora eval, and back through qlora run", version("peft"),
+           f"loss rel err {rel(ref, ours):.2e}; written rank_pattern {written['rank_pattern']} "
+           f"alpha_pattern {written['alpha_pattern']}; ranks equal after the round trip: {ranks == back_ranks}")
+    assert rel(ref, ours) < tol(mname)
+    assert list(written["rank_pattern"].items()) == list(kw["rank_pattern"].items())  # PEFT's form, in order
+    assert written["alpha_pattern"] == kw["alpha_pattern"]
+    assert sorted(set(ranks.values())) == [2, 3, 4, 8]
+    assert ranks == back_ranks
 
 
 def test_alpha_pattern_loaded_or_refused(tmp_path):
     """A PEFT adapter with alpha_pattern (same ranks, a per-module alpha): qlora must either apply it
-    (loss equal to PEFT's) or refuse it naming the key. qlora refuses it (per-module alphas: issue 17)."""
+    (loss equal to PEFT's) or refuse it naming the key. qlora applies it (issue 17)."""
     lib("peft")
     adapter = tmp_path / "adapter"
     model = peft_adapter("llama-gqa-rope3", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
@@ -240,20 +276,37 @@ def test_alpha_pattern_loaded_or_refused(tmp_path):
     r = run_qlora("eval", "--model", model_dir("llama-gqa-rope3"), "--adapter", adapter, "--data", data,
                   "--format", "tokens", "--quant", "none", "--seq-len", 32, "--batch", 1, "--json", check=False)
     msg = (r.stderr + r.stdout).strip()
-    if r.returncode != 0:
-        outcome = f"refused: {msg.splitlines()[-1]}"
-        ok = "alpha_pattern" in msg
-    else:
-        ours = json.loads(r.stdout.strip().splitlines()[-1])["loss"]
-        ref = torch_loss(model, docs)
-        outcome = f"loaded; loss rel err vs PEFT {rel(ref, ours):.2e}"
-        ok = rel(ref, ours) < 1e-5
+    assert r.returncode == 0, msg
+    ours = json.loads(r.stdout.strip().splitlines()[-1])["loss"]
+    ref = torch_loss(model, docs)
     report("peft.alpha_pattern", "PEFT adapter with alpha_pattern={'v_proj': 64} (alpha 16) in qlora eval",
-           version("peft"), outcome)
-    assert ok, outcome
+           version("peft"), f"loaded; loss rel err vs PEFT {rel(ref, ours):.2e}")
+    assert rel(ref, ours) < 1e-5
 
 
-@pytest.mark.parametrize("key", ["llama-r4-a8-all7", "qwen2-r16-a4-rslora-mlp", "smollm2-r8-a16-all7"])
+def test_dora_magnitude_names_as_peft_saves_them(tmp_path):
+    """The tensors of a DoRA adapter qlora writes are exactly those PEFT 0.22 saves for the same
+    config (names, shapes), and use_dora is true in both configs."""
+    lib("peft")
+    mdir, ours = trained_adapter("llama-dora-patterns")
+    _, lora = TRAINED["llama-dora-patterns"]
+    theirs = tmp_path / "peft"
+    peft_adapter("llama-gqa-rope3", dict(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=ALL7, use_dora=True,
+                                         rank_pattern=lora["rank_pattern"], alpha_pattern=lora["alpha_pattern"]),
+                 theirs)
+    st = lib("safetensors.torch")
+    a = {k: tuple(v.shape) for k, v in st.load_file(str(ours / "adapter_model.safetensors")).items()}
+    b = {k: tuple(v.shape) for k, v in st.load_file(str(theirs / "adapter_model.safetensors")).items()}
+    report("peft.dora_names", "tensor names and shapes of a qlora DoRA adapter vs PEFT's save_pretrained",
+           version("peft"), f"{len(a)} vs {len(b)} tensors; equal: {a == b}")
+    assert a == b
+    assert any(k.endswith(".lora_magnitude_vector") for k in a)
+    for d in (ours, theirs):
+        assert json.loads((d / "adapter_config.json").read_text())["use_dora"] is True
+
+
+@pytest.mark.parametrize("key", ["llama-r4-a8-all7", "qwen2-r16-a4-rslora-mlp", "smollm2-r8-a16-all7",
+                                 "llama-dora-all7", "qwen2-dora-rslora-bias", "llama-rank-alpha-pattern"])
 def test_merge_matches_merge_and_unload(key, tmp_path):
     """PEFT's merge_and_unload (fp32, then rounded to bf16) against `qlora merge` (bf16 default and
     f32): bf16 weights equal or one bf16 ulp apart; f32 weights within fp32 rounding."""
