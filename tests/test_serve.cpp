@@ -83,6 +83,7 @@ TEST(OpenAiRequest, RefusesBadInputNamingTheParameter) {
   };
   const std::vector<Case> cases = {
       {R"({"model": "m", "messages": [)", "", "not valid JSON"},
+      {R"({"model": "m", "max_tokens": 1e999, "messages": []})", "", "not valid JSON"},
       {R"([1, 2])", "", "must be a JSON object"},
       {R"({"messages": [{"role": "user", "content": "hi"}]})", "model", "'model' is required"},
       {R"({"model": 3, "messages": []})", "model", "'model' is required"},

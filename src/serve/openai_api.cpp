@@ -114,7 +114,7 @@ CompletionRequest parse_completion_request(std::string_view body, Endpoint endpo
   json j;
   try {
     j = json::parse(body);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
     throw invalid_request(std::string("the request body is not valid JSON: ") + e.what());
   }
   if (!j.is_object())
