@@ -8,8 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "test_models.h"
 #include "testing.h"
 #include "data/dataset_reader.h"
+#include "model/lora.h"
+#include "train/peft_adapter.h"
 #include "recipe/recipe.h"
 #include "tokenizer/loaders.h"
 
@@ -84,6 +87,21 @@ TEST(FuzzRegressions, DatasetNumbersTooLargeAreMalformedJson) {
   testing::write_bytes(d / "data.jsonl", "{\"input_ids\": [1e999]}\n");
   const std::string e2 = testing::error_of([&] { read_dataset(d / "data.jsonl", o); });
   EXPECT_NE(e2.find("data.jsonl:1: malformed JSON"), std::string::npos) << e2;
+}
+
+// "r": 1.44e98 in adapter_config.json: nlohmann's get<int64_t>() cast the
+// double out of range (UBSan: float-cast-overflow; found by fuzz_peft_config
+// in CI). Integers are now read by json_integer (core/json_integer.h).
+TEST(FuzzRegressions, AdapterRankThatIsNotAnIntegerIsRefusedByKey) {
+  const ModelConfig cfg = testing::tiny_gqa_config(2);
+  LoraConfig lc;
+  lc.rank = 2;
+  testing::ScratchDir dir;
+  save_peft_adapter(testing::random_lora(cfg, lc, 3), cfg, dir / "a", "base");
+  testing::write_bytes(dir / "a" / "adapter_config.json",
+                       testing::read_bytes(regression("peft_config", "rank-float-overflow")));
+  const std::string e = testing::error_of([&] { (void)LoraWeights::load_peft(dir / "a", cfg); });
+  EXPECT_NE(e.find("adapter_config.json: \"r\" must be an integer, got number"), std::string::npos) << e;
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_integer.h"
 #include "io/safetensors.h"
 #include "model/tensor_table.h"
 #include "tokenizer/regex.h"
@@ -234,7 +235,7 @@ LoraWeights LoraWeights::load_peft(const std::filesystem::path& dir, const Model
   }
   LoraConfig lc;
   try {
-    lc.rank = j.at("r").get<int64_t>();
+    lc.rank = json_integer<int64_t>(j.at("r"), cfg_path.string() + ": \"r\"");
     lc.alpha = j.value("lora_alpha", double(lc.rank));
     lc.dropout = j.value("lora_dropout", 0.0);
     lc.rslora = j.value("use_rslora", false);
@@ -262,7 +263,7 @@ LoraWeights LoraWeights::load_peft(const std::filesystem::path& dir, const Model
     if (j.contains("rank_pattern") && !j.at("rank_pattern").is_null())
       for (const auto& [key, v] : j.at("rank_pattern").items()) {
         if (!v.is_number_integer()) fail(cfg_path.string(), ": rank_pattern[\"", key, "\"] must be an integer, got ", v.dump());
-        lc.rank_pattern.emplace_back(key, v.get<int64_t>());
+        lc.rank_pattern.emplace_back(key, json_integer<int64_t>(v, cfg_path.string() + ": rank_pattern[\"" + key + "\"]"));
       }
     if (j.contains("alpha_pattern") && !j.at("alpha_pattern").is_null())
       for (const auto& [key, v] : j.at("alpha_pattern").items()) {

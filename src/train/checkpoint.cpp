@@ -9,6 +9,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/json_integer.h"
 #include "data/token_cache.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
@@ -163,8 +164,9 @@ std::optional<std::string> checkpoint_problem(const fs::path& dir, int64_t step,
         std::error_code ec;
         const uint64_t size = fs::file_size(dir / f, ec);
         if (ec) return str(f, ": ", ec.message());
-        if (size != c.at("bytes").get<uint64_t>())
-          return str(f, " has ", size, " bytes, state.json recorded ", c.at("bytes").get<uint64_t>(),
+        const uint64_t recorded = json_integer<uint64_t>(c.at("bytes"), str("state.json: checksums.", f, ".bytes"));
+        if (size != recorded)
+          return str(f, " has ", size, " bytes, state.json recorded ", recorded,
                      " (truncated or replaced)");
         if (digests && file_digest(dir / f) != c.at("digest").get<std::string>())
           return str(f, " does not match its checksum (damaged or altered)");
@@ -262,16 +264,16 @@ TrainState read_train_state(const fs::path& ckpt) {
   }
   TrainState s;
   try {
-    const int version = j.at("format_version").get<int>();
+    const int64_t version = json_integer<int64_t>(j.at("format_version"), file.string() + ": format_version");
     if (version != kCheckpointFormatVersion)
       fail(file.string(), ": checkpoint format version ", version, ", this qlora reads version ",
            kCheckpointFormatVersion);
-    s.step = j.at("step").get<int64_t>();
-    s.epoch = j.at("epoch").get<int64_t>();
-    s.cursor = j.at("micro_batch_cursor").get<int64_t>();
-    s.forward_count = j.at("forward_count").get<uint64_t>();
-    s.rng = j.at("rng").get<uint64_t>();
-    s.tokens_seen = j.at("tokens_seen").get<int64_t>();
+    s.step = json_integer<int64_t>(j.at("step"), file.string() + ": step");
+    s.epoch = json_integer<int64_t>(j.at("epoch"), file.string() + ": epoch");
+    s.cursor = json_integer<int64_t>(j.at("micro_batch_cursor"), file.string() + ": micro_batch_cursor");
+    s.forward_count = json_integer<uint64_t>(j.at("forward_count"), file.string() + ": forward_count");
+    s.rng = json_integer<uint64_t>(j.at("rng"), file.string() + ": rng");
+    s.tokens_seen = json_integer<int64_t>(j.at("tokens_seen"), file.string() + ": tokens_seen");
     s.wall_seconds = j.at("wall_seconds").get<double>();
     s.last_loss = optional_from(j, "last_loss");
     s.last_eval_loss = optional_from(j, "last_eval_loss");
