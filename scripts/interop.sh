@@ -13,6 +13,7 @@ if [[ ! -x "$QLORA_BIN" ]]; then
     exit 1
 fi
 scripts/interop-venv.sh
+scripts/peer-fixtures.sh
 venv="${QLORA_INTEROP_VENV:-$root/build/interop-venv}"
 start=$(date +%s)
 set +e

@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+scripts/peer-fixtures.sh  # test data the peer libraries publish on PyPI (skipped offline)
 scripts/build.sh "$@"
 cd build
 ctest --output-on-failure -j "$(nproc)"

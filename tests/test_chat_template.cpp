@@ -262,6 +262,16 @@ TEST(ChatTemplate, Llama31DateIsFixedAndConfigurable) {
   EXPECT_EQ(ChatTemplate::named("llama3.3").kind(), ChatTemplate::Kind::llama31);
 }
 
+// Qwen3's real template (llama.cpp's copy of Qwen/Qwen3-0.6B's, unpacked
+// from the pinned llama-cpp-python sdist by scripts/peer-fixtures.sh) is
+// recognized as qwen3; Jinja2 renders it against qlora in the interop suite.
+TEST(ChatTemplate, DetectsQwen3sPublishedTemplate) {
+  QLORA_REQUIRE_PEER_FIXTURE(file, "chat_templates/Qwen-Qwen3-0.6B.jinja");
+  const auto t = ChatTemplate::resolve("auto", testing::read_bytes(file));
+  EXPECT_EQ(t.name(), "qwen3");
+  EXPECT_EQ(t.kind(), ChatTemplate::Kind::qwen3);
+}
+
 TEST(ChatTemplate, DetectsTheFixtureTemplates) {
   QLORA_REQUIRE_FIXTURES(fx);
   auto read = [](const std::filesystem::path& p) { return testing::read_bytes(p); };

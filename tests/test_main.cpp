@@ -28,6 +28,14 @@ std::optional<fs::path> fixtures_dir() {
   return std::nullopt;
 }
 
+std::optional<fs::path> peer_fixture(const std::string& rel) {
+  if (const auto fx = fixtures_dir(); fx && fs::exists(*fx / rel)) return *fx / rel;
+  const char* env = std::getenv("QLORA_PEER_FIXTURES");
+  const fs::path dir = env && *env ? fs::path(env) : fs::path(QLORA_SOURCE_DIR) / "build" / "peer-fixtures";
+  if (fs::exists(dir / rel)) return dir / rel;
+  return std::nullopt;
+}
+
 ScratchDir::ScratchDir() {
   static std::atomic<unsigned> n{0};
   std::random_device rd;

@@ -101,6 +101,20 @@ TEST(TokenizerVectors, LlamaBpeTokenizerJson) {
   expect_threads_agree(*tk, cases);
 }
 
+// Qwen2's byte-level BPE (Qwen2, Qwen2.5 and Qwen3 share it: 151,643 pieces
+// and Qwen2's digit-by-digit split pattern) from llama.cpp's vocab-only GGUF,
+// through the GGUF tokenizer path (tokenizer/gguf_vocab: pre "qwen2"), against
+// the ids HF tokenizers gives the test strings (.out). Unpacked from the
+// pinned llama-cpp-python sdist by scripts/peer-fixtures.sh.
+TEST(TokenizerVectors, Qwen2VocabGguf) {
+  QLORA_REQUIRE_PEER_FIXTURE(gguf, "tokenizer_tests/llamacpp/ggml-vocab-qwen2.gguf");
+  const auto cases = read_vectors(gguf.parent_path(), "ggml-vocab-qwen2.gguf");
+  ASSERT_GE(cases.size(), 40u);
+  const auto tk = Tokenizer::load(gguf);
+  expect_all_cases(*tk, cases);
+  expect_threads_agree(*tk, cases);
+}
+
 TEST(TokenizerVectors, LlamaSpmSentencePieceModel) {
   QLORA_REQUIRE_FIXTURES(fx);
   const auto cases = read_vectors(fx / "tokenizer_tests/llamacpp", "ggml-vocab-llama-spm.gguf");

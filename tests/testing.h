@@ -62,6 +62,12 @@ namespace qlora::testing {
 // ../shared/fixtures beside the checkout, or $QLORA_FIXTURES; nullopt if neither exists.
 std::optional<std::filesystem::path> fixtures_dir();
 
+// A file the peer libraries publish on PyPI, which scripts/peer-fixtures.sh
+// unpacks into build/peer-fixtures/ (or $QLORA_PEER_FIXTURES) in the layout
+// of the shared fixtures, e.g. "chat_templates/Qwen-Qwen3-0.6B.jinja"; the
+// shared fixtures are looked at first. nullopt when absent.
+std::optional<std::filesystem::path> peer_fixture(const std::string& rel);
+
 // A fresh empty folder under the system temp dir, removed when the object dies.
 class ScratchDir {
  public:
@@ -159,6 +165,13 @@ std::vector<T> golden_tensor(const SafetensorsFile& f, const std::string& name, 
 }
 
 }  // namespace qlora::testing
+
+// Skips the current test unless peer_fixture(rel) exists.
+#define QLORA_REQUIRE_PEER_FIXTURE(var, rel)                                                  \
+  auto var##_opt = ::qlora::testing::peer_fixture(rel);                                       \
+  if (!var##_opt) GTEST_SKIP() << "peer fixture " << (rel) << " not found: run "              \
+                                  "scripts/peer-fixtures.sh (it unpacks it from a PyPI sdist)"; \
+  const std::filesystem::path var = *var##_opt
 
 // Skips the current test with a message naming what is missing.
 #define QLORA_REQUIRE_FIXTURES(var)                                                         \

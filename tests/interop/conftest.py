@@ -43,14 +43,26 @@ def fixtures_dir() -> Path | None:
     return p if p.is_dir() else None
 
 
+def peer_fixtures_dir() -> Path:
+    """Where scripts/peer-fixtures.sh unpacks the test data the peer libraries publish on PyPI."""
+    env = os.environ.get("QLORA_PEER_FIXTURES")
+    return Path(env) if env else BUILD / "peer-fixtures"
+
+
 def need_fixture(rel: str) -> Path:
-    """The fixture file or folder `rel`, or skip (fixtures live outside the repository)."""
+    """The fixture file or folder `rel`, or skip (fixtures live outside the repository): the shared
+    fixtures first, then the peer fixtures (scripts/peer-fixtures.sh)."""
     base = fixtures_dir()
+    peer = peer_fixtures_dir() / rel
     if base is None:
+        if peer.exists():
+            return peer
         pytest.skip("fixtures absent (../shared/fixtures or $QLORA_FIXTURES)")
     p = base / rel
     if not p.exists():
-        pytest.skip(f"fixture {rel} absent under {base}")
+        if peer.exists():
+            return peer
+        pytest.skip(f"fixture {rel} absent under {base} and {peer_fixtures_dir()} (scripts/peer-fixtures.sh)")
     return p
 
 

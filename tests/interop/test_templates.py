@@ -15,8 +15,9 @@ against `qlora tokenize --chat --add-generation-prompt`. Qwen3 runs twice: `qwen
 with enable_thinking undefined (its default, thinking on) and `qwen3-nothink` against
 enable_thinking=False (the empty think block after the generation prompt); a third of their assistant
 replies carry `<think>...</think>` reasoning (dropped from past turns, kept after the last user turn).
-Its template is expected at fixtures/chat_templates/Qwen-Qwen3-8B.jinja (the chat_template of
-Qwen/Qwen3-8B's tokenizer_config.json); the two cases skip with a message while it is absent. What qlora does not render is checked as
+Its template is chat_templates/Qwen-Qwen3-0.6B.jinja (the chat_template of Qwen/Qwen3-0.6B's
+tokenizer_config.json, which the Qwen3 0.6B-32B models share, as llama.cpp copies it), unpacked from
+the pinned llama-cpp-python sdist by scripts/peer-fixtures.sh; the two cases skip while it is absent. What qlora does not render is checked as
 refused, not skipped: an empty message (qlora refuses it, naming the message)."""
 import concurrent.futures
 import datetime
@@ -38,8 +39,8 @@ FAMILIES = {
     "smollm2": ("smollm2", "config:smollm2", "smollm2", "hf"),
     "qwen2.5": ("qwen2.5", "jinja:Qwen-Qwen2.5-7B-Instruct.jinja", "tokenizers/smollm-135m-instruct", "hf"),
     # <think> is plain text to the SmolLM tokenizer: both sides encode it through BPE alike.
-    "qwen3": ("qwen3", "jinja:Qwen-Qwen3-8B.jinja", "tokenizers/smollm-135m-instruct", "hf"),
-    "qwen3-nothink": ("qwen3-nothink", "jinja:Qwen-Qwen3-8B.jinja", "tokenizers/smollm-135m-instruct", "hf"),
+    "qwen3": ("qwen3", "jinja:Qwen-Qwen3-0.6B.jinja", "tokenizers/smollm-135m-instruct", "hf"),
+    "qwen3-nothink": ("qwen3-nothink", "jinja:Qwen-Qwen3-0.6B.jinja", "tokenizers/smollm-135m-instruct", "hf"),
     "llama3.1": ("llama3.1", "jinja:meta-llama-Llama-3.1-8B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
     "llama3.2": ("llama3.2", "jinja:meta-llama-Llama-3.2-3B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),
     "llama3.3": ("llama3.3", "jinja:meta-llama-Llama-3.3-70B-Instruct.jinja", "tokenizers/llama3/assembled_hf", "hf"),

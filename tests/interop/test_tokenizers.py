@@ -1,5 +1,7 @@
 """Part c (tokenizers): Hugging Face's `tokenizers` library and `qlora tokenize` give the same ids
-on the fixture datasets, for every fixture tokenizer.json.
+on the fixture datasets, for every fixture tokenizer.json; llama.cpp and `qlora tokenize` give the
+same ids for the vocab-only GGUF of Qwen2's tokenizer (Qwen2, Qwen2.5 and Qwen3 share it; unpacked
+from the pinned llama-cpp-python sdist by scripts/peer-fixtures.sh), read from the GGUF's metadata.
 
 The documents (at least 2,000 per tokenizer: English instructions and answers, medical dialogues and
 abstracts, Chinese legal questions, LegalBench clauses) are joined into one file with the
@@ -133,3 +135,34 @@ def test_tokenizer_ids(rel, tmp_path):
            tokenizer=rel, docs=len(docs), same_docs=same_docs, ids=len(ref))
     assert len(docs) >= 2000
     assert ours == ref, f"ids differ ({docs_line}): {examples}"
+
+
+def test_qwen2_gguf_vocab_against_llamacpp(tmp_path):
+    """The same documents through llama.cpp's tokenizer (llama_cpp.Llama, vocab_only) and through
+    qlora's reading of the same GGUF's tokenizer.ggml.* metadata (tokenizer/gguf_vocab, pre "qwen2")."""
+    llama_cpp = lib("llama_cpp", "llama-cpp-python")
+    gguf = need_fixture("tokenizer_tests/llamacpp/ggml-vocab-qwen2.gguf")
+    docs = documents()
+    eos = "<|endoftext|>"
+    docs = [x for x in docs if eos not in x]
+    text = eos.join(docs)
+    f = tmp_path / "docs.txt"
+    f.write_bytes(text.encode("utf-8"))
+    r = run_qlora("tokenize", "--tokenizer", gguf, "--file", f, "--ids-only", "--no-special")
+    ours = [int(x) for x in r.stdout.split()]
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    ref = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    sep = llm.tokenize(eos.encode("utf-8"), add_bos=False, special=True)
+    assert len(sep) == 1, f"{eos} is not one special token of the Qwen2 vocabulary: {sep}"
+    a, b = split_at(ours, sep[0]), split_at(ref, sep[0])
+    same_docs = sum(1 for x, y in zip(a, b) if x == y) if len(a) == len(b) == len(docs) else None
+    bad = [i for i, (x, y) in enumerate(zip(a, b)) if x != y][:3] if same_docs is not None else []
+    examples = "; ".join(f"doc {i} {docs[i][:60]!r}" for i in bad)
+    report("tokenizers.ids", f"ggml-vocab-qwen2.gguf (Qwen2/2.5/3 vocabulary): {len(docs):,} documents "
+           f"({len(text.encode()) / 1e6:.2f} MB), llama_cpp.Llama.tokenize vs qlora tokenize --file",
+           version("llama-cpp-python"),
+           f"{same_docs if same_docs is not None else '?'}/{len(docs):,} documents identical, {len(ref):,} ids; "
+           f"whole stream equal: {ours == ref}" + (f"; first differing: {examples}" if examples else ""),
+           tokenizer="ggml-vocab-qwen2.gguf", docs=len(docs), same_docs=same_docs, ids=len(ref))
+    assert len(docs) >= 2000
+    assert ours == ref, f"ids differ: {examples}"
