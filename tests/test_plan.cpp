@@ -7,6 +7,7 @@
 
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -276,6 +277,47 @@ TEST(PlanCuda, SwitchesMoveMemoryTheWayTheyShould) {
   // Double quantization saves ~0.373 bits per weight (fp32 -> 8-bit absmax + second level).
   const double params = double(bytes_of(base, "nf4 codes")) * 2;
   EXPECT_NEAR(double(make_plan(x).device_bytes - base.device_bytes) * 8 / params, 0.373, 0.02);
+}
+
+// train.checkpointing: auto. Budgets placed by the plan's own figures: the
+// run without recomputation is chosen exactly when it fits in
+// kAutoCheckpointingShare of the budget; without a budget, recomputation
+// stays on; a budget too small even for the checkpointed run is refused as
+// with checkpointing: true (the switch advice is left out: auto has chosen).
+TEST(PlanCuda, AutoCheckpointingRecomputesOnlyWhenTheBudgetDemands) {
+  PlanInput in = cuda_input("llama-2-13b", 64, 4, 2048, OptimizerKind::adamw, "a100-80");
+  in.checkpointing = false;
+  const uint64_t without = make_plan(in).device_bytes;
+  in.checkpointing = true;
+  const uint64_t with = make_plan(in).device_bytes;
+  ASSERT_GT(without, with + kGiB);
+  in.checkpointing_auto = true;
+  in.checkpointing = true;  // ignored under auto
+  auto chosen = [&](uint64_t budget) {
+    PlanInput x = in;
+    x.budget_bytes = budget;
+    const MemoryPlan p = make_plan(x);
+    EXPECT_TRUE(p.input.checkpointing_auto);
+    return p;
+  };
+  const uint64_t edge = uint64_t(std::ceil(double(without) / kAutoCheckpointingShare));
+  EXPECT_FALSE(chosen(edge).input.checkpointing);
+  EXPECT_EQ(chosen(edge).device_bytes, without);
+  EXPECT_EQ(chosen(edge).verdict, Verdict::fits);
+  EXPECT_TRUE(chosen(edge - 1024).input.checkpointing);
+  EXPECT_EQ(chosen(edge - 1024).device_bytes, with);
+  EXPECT_TRUE(chosen(without).input.checkpointing);  // fits, but with less than the margin to spare
+  EXPECT_TRUE(chosen(0).input.checkpointing);
+  EXPECT_EQ(chosen(0).verdict, Verdict::no_budget);
+  const MemoryPlan tight = chosen(with - 1);
+  EXPECT_TRUE(tight.input.checkpointing);
+  EXPECT_EQ(tight.verdict, Verdict::does_not_fit);
+  PlanInput x = in;
+  x.budget_bytes = with - 1;
+  for (const PlanSwitch& sw : make_advice(x).switches) EXPECT_NE(sw.name, "checkpointing");
+  EXPECT_NE(plan_table(tight).find("checkpointing on (auto)"), std::string::npos) << plan_table(tight);
+  EXPECT_EQ(plan_json(chosen(edge)).at("settings").at("checkpointing"), false);
+  EXPECT_EQ(plan_json(chosen(edge)).at("settings").at("checkpointing_auto"), true);
 }
 
 // The lines the GPU's own allocations must match, each against its formula
@@ -597,6 +639,37 @@ TEST(PlanCli, EstimatesARecipeOnTheCpu) {
   in.lora.targets = {true, true, true, true, false, false, false};
   EXPECT_EQ(j.at("cpu_arenas").at("activations").get<uint64_t>(), make_plan(in).arenas.activations);
   EXPECT_EQ(j.at("cpu_arenas").at("weights").get<uint64_t>(), make_plan(in).arenas.weights);
+}
+
+// A recipe's checkpointing: auto through `qlora estimate`, and --checkpointing
+// auto/on over it: the builtin tiny model fits any machine without
+// recomputation, so auto turns it off; on forces it back.
+TEST(PlanCli, AutoCheckpointingFromTheRecipeAndTheCommandLine) {
+  ScratchDir d;
+  testing::write_bytes(d / "train.jsonl", "{\"text\": \"hello\"}\n");
+  testing::write_bytes(d / "r.yaml",
+                       "model: {path: builtin:tiny}\n"
+                       "data: {train: train.jsonl, format: text, seq_len: 64}\n"
+                       "train: {checkpointing: auto}\n"
+                       "device: {backend: cpu}\n"
+                       "output: {dir: r.output}\n");
+  const std::string recipe = "'" + (d / "r.yaml").string() + "'";
+  CliResult r = run_estimate(recipe + " --json", d);
+  ASSERT_EQ(r.status, 0) << r.output;
+  auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j.at("settings").at("checkpointing"), false);
+  EXPECT_EQ(j.at("settings").at("checkpointing_auto"), true);
+  r = run_estimate(recipe + " --checkpointing on --json", d);
+  ASSERT_EQ(r.status, 0) << r.output;
+  j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j.at("settings").at("checkpointing"), true);
+  EXPECT_EQ(j.at("settings").at("checkpointing_auto"), false);
+  r = run_estimate(recipe, d);
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("checkpointing off (auto)"), std::string::npos) << r.output;
+  r = run_estimate(recipe + " --checkpointing sometimes", d);
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("--checkpointing: expected on or off, got 'sometimes'"), std::string::npos) << r.output;
 }
 
 TEST(PlanCli, RecipeOverridesAsQloraRunTakesThem) {

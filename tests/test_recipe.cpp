@@ -394,8 +394,8 @@ TEST(RecipeErrors, EveryBadValueIsReportedWhereItIsWithTheExpectation) {
       {"train", "momentum: 1", "train.momentum: expected a number in [0, 1), got '1'"},
       {"train", "max_grad_norm: -1",
        "train.max_grad_norm: expected a number >= 0 (0 = no clipping), got '-1'"},
-      {"train", "checkpointing: yes", "train.checkpointing: expected true or false, got 'yes'"},
-      {"train", "checkpointing: 1", "train.checkpointing: expected true or false, got '1'"},
+      {"train", "checkpointing: yes", "train.checkpointing: expected true, false or auto, got 'yes'"},
+      {"train", "checkpointing: 1", "train.checkpointing: expected true, false or auto, got '1'"},
       {"train", "seed: -1", "train.seed: expected an integer in [0, 2^64), got '-1'"},
       {"train", "seed: 18446744073709551616",
        "train.seed: expected an integer in [0, 2^64), got '18446744073709551616'"},
@@ -625,6 +625,14 @@ TEST(RecipeYaml, RoundTripGivesTheSameRecipe) {
   EXPECT_EQ(back.data.train, r.data.train);  // already absolute: not re-resolved
   EXPECT_EQ(back.data.fields, r.data.fields);
   EXPECT_EQ(back.train.seed, r.train.seed);
+
+  // train.checkpointing: auto is kept as auto (the plan decides per machine).
+  Recipe a = parse(kMinimal, {"train.checkpointing=auto"});
+  EXPECT_TRUE(a.train.checkpointing_auto);
+  const Recipe a2 = parse_recipe(recipe_to_yaml(a), "a.yaml", "/elsewhere");
+  EXPECT_TRUE(a2.train.checkpointing_auto);
+  EXPECT_NE(recipe_to_yaml(a2).find("checkpointing: auto"), std::string::npos) << recipe_to_yaml(a2);
+  EXPECT_FALSE(parse(kMinimal, {"train.checkpointing=false"}).train.checkpointing_auto);
 
   // The defaults, and data.val as a fraction.
   const Recipe d = parse(kMinimal, {"data.val=0.25"});

@@ -88,7 +88,12 @@ PlanInput make_input(const Args& a) {
   if (a.rank > 0) in.lora.rank = a.rank;
   if (a.block > 0) in.block = a.block;
   if (!a.targets.empty()) in.lora.targets = parse_targets(a.targets);
-  if (!a.checkpointing.empty()) in.checkpointing = parse_bool(a.checkpointing, "--checkpointing");
+  if (a.checkpointing == "auto") {
+    in.checkpointing_auto = true;
+  } else if (!a.checkpointing.empty()) {
+    in.checkpointing = parse_bool(a.checkpointing, "--checkpointing");
+    in.checkpointing_auto = false;
+  }
   if (!a.optimizer.empty()) in.optimizer.kind = parse_optimizer_kind(a.optimizer);
   if (!a.quant.empty()) {
     if (a.quant == "none") {
@@ -139,7 +144,7 @@ Runner add_estimate(CLI::App& app) {
   cmd->add_option("--quant", a->quant, "quant.type: nf4, fp4 or none");
   cmd->add_option("--block", a->block, "quant.block_size")->check(CLI::PositiveNumber);
   cmd->add_option("--optimizer", a->optimizer, "train.optimizer: adamw, paged_adamw or sgd");
-  cmd->add_option("--checkpointing", a->checkpointing, "train.checkpointing: on or off");
+  cmd->add_option("--checkpointing", a->checkpointing, "train.checkpointing: on, off or auto (off when the run without it fits)");
   cmd->add_option("--dataset-tokens", a->dataset_tokens, "Tokens of the tokenized dataset (host memory)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--json", a->json, "Machine-readable output (same content)");

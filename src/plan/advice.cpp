@@ -75,7 +75,8 @@ PlanAdvice make_advice(const PlanInput& in) {
                           int64_t(base.device_bytes) - int64_t(p.device_bytes),
                           p.verdict == Verdict::fits || p.verdict == Verdict::fits_with_paging});
   };
-  {
+  // With train.checkpointing: auto the plan has already chosen.
+  if (!in.checkpointing_auto) {
     PlanInput x = in;
     x.checkpointing = !in.checkpointing;
     consider("checkpointing",

@@ -95,6 +95,7 @@ PlanInput plan_input_from_recipe(const Recipe& r, const ModelConfig& cfg) {
   in.seq_len = r.data.seq_len;
   in.micro_batch = r.train.micro_batch;
   in.checkpointing = r.train.checkpointing;
+  in.checkpointing_auto = r.train.checkpointing_auto;
   in.optimizer.kind = parse_optimizer_kind(r.train.optimizer);
   in.optimizer.beta1 = r.train.beta1;
   in.optimizer.beta2 = r.train.beta2;

@@ -189,10 +189,19 @@ MemoryPlan plan_buffers(const PlanInput& in) {
   return p;
 }
 
+// train.checkpointing: auto (PlanInput::checkpointing_auto).
+bool auto_checkpointing(PlanInput x) {
+  if (x.budget_bytes == 0) return true;
+  x.checkpointing = false;
+  return double(plan_buffers(x).device_bytes) > kAutoCheckpointingShare * double(x.budget_bytes);
+}
+
 }  // namespace
 
-MemoryPlan make_plan(const PlanInput& in) {
-  validate(in);
+MemoryPlan make_plan(const PlanInput& request) {
+  validate(request);
+  PlanInput in = request;
+  if (in.checkpointing_auto) in.checkpointing = auto_checkpointing(in);
   MemoryPlan p = plan_buffers(in);
   if (in.budget_bytes == 0) {
     p.verdict = Verdict::no_budget;

@@ -72,12 +72,22 @@ struct PlanInput {
   int64_t seq_len = 2048;
   int64_t micro_batch = 1;
   bool checkpointing = true;
+  // train.checkpointing: auto. make_plan decides `checkpointing` and keeps
+  // this flag in MemoryPlan::input (so the report can say "auto"): off when
+  // the run without recomputation (about a third less compute) fits in
+  // kAutoCheckpointingShare of the budget, else on; on without a budget.
+  bool checkpointing_auto = false;
   OptimizerConfig optimizer;
   ops::CeChunking ce;                     // the CPU loss tiles
   uint64_t budget_bytes = 0;              // 0: unknown (no verdict)
   uint64_t dataset_tokens = 0;            // 0: unknown (not counted)
   bool dataset_tokens_estimated = false;  // from file sizes, not a count
 };
+
+// The share of the budget a run without checkpointing may plan to use for
+// `auto` to choose it: the planned bytes are exact, but the budget is all of
+// the GPU's or the machine's memory, which other processes share.
+inline constexpr double kAutoCheckpointingShare = 0.9;
 
 // The options the runtime must construct its objects with for the CPU arenas
 // to equal the plan.

@@ -42,7 +42,8 @@ std::string settings_line(const PlanInput& in) {
       in.quantize ? str(quant4_name(in.quant_type), " block ", in.block,
                         in.double_quant ? " double-quant" : "", in.prequantized ? " (4-bit checkpoint)" : "")
                   : std::string("not quantized"),
-      ", ", optimizer_kind_name(in.optimizer.kind), ", checkpointing ", in.checkpointing ? "on" : "off");
+      ", ", optimizer_kind_name(in.optimizer.kind), ", checkpointing ", in.checkpointing ? "on" : "off",
+      in.checkpointing_auto ? " (auto)" : "");
 }
 
 // Categories in table order.
@@ -135,6 +136,7 @@ nlohmann::json plan_json(const MemoryPlan& p) {
                    {"prequantized", in.prequantized},
                    {"optimizer", optimizer_kind_name(in.optimizer.kind)},
                    {"checkpointing", in.checkpointing},
+                   {"checkpointing_auto", in.checkpointing_auto},
                    {"dataset_tokens", in.dataset_tokens}};
   j["lora_params"] = p.lora_params;
   nlohmann::json bufs = nlohmann::json::array();

@@ -141,11 +141,11 @@ double read_number(const Source& src, const Item& it, bool (*ok)(double), const 
   return *v;
 }
 
-bool read_bool(const Source& src, const Item& it) {
+bool read_bool(const Source& src, const Item& it, const char* what = "true or false") {
   // Only true/false: YAML 1.1's yes/no/on/off are too easy to write by accident.
   if (it.node.IsScalar() && it.node.Scalar() == "true") return true;
   if (it.node.IsScalar() && it.node.Scalar() == "false") return false;
-  expected(src, it, "true or false");
+  expected(src, it, what);
 }
 
 std::string read_string(const Source& src, const Item& it, const std::string& what = "a string") {
@@ -515,7 +515,12 @@ void read_train(const Source& src, const Section& s, RecipeTrain& t) {
   if (auto it = s["momentum"]) t.momentum = read_number(src, *it, unit_open, "a number in [0, 1)");
   if (auto it = s["max_grad_norm"])
     t.max_grad_norm = read_number(src, *it, non_negative, "a number >= 0 (0 = no clipping)");
-  if (auto it = s["checkpointing"]) t.checkpointing = read_bool(src, *it);
+  if (auto it = s["checkpointing"]) {
+    if (it->node.IsScalar() && it->node.Scalar() == "auto")
+      t.checkpointing_auto = true;
+    else
+      t.checkpointing = read_bool(src, *it, "true, false or auto");
+  }
   if (auto it = s["seed"]) {
     const auto v = scalar_integer<uint64_t>(it->node);
     if (!v) expected(src, *it, "an integer in [0, 2^64)");

@@ -83,6 +83,7 @@ struct RecipeTrain {
   double momentum = 0.0;             // sgd only
   double max_grad_norm = 1.0;        // 0 = no clipping
   bool checkpointing = true;         // activation checkpointing
+  bool checkpointing_auto = false;   // "auto": the memory plan decides (plan/plan.h PlanInput)
   uint64_t seed = 42;
   int64_t eval_every = 0;            // steps; 0 = only at the end (when there is validation data)
   int64_t save_every = 0;            // steps; 0 = only at the end
