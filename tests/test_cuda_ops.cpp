@@ -86,12 +86,13 @@ TEST(OpCases, RmsnormBackwardMatchesFiniteDifferences) {
     const auto [x, w, dy, out, rstd, dx] = rmsnorm_cpu(c);
     for (int64_t i = 0; i < c.N; ++i) {
       std::vector<double> xr(x.begin() + i * c.C, x.begin() + (i + 1) * c.C);
-      auto loss = [&] {
+      // The bindings by init-capture: clang 14 cannot capture a structured binding.
+      auto loss = [&, &dyv = dy, &wv = w] {
         double ms = 0.0;
         for (double v : xr) ms += v * v;
         const double r = 1.0 / std::sqrt(ms / double(c.C) + double(c.eps));
         double l = 0.0;
-        for (int64_t j = 0; j < c.C; ++j) l += double(dy[sz(i * c.C + j)]) * w[sz(j)] * xr[sz(j)] * r;
+        for (int64_t j = 0; j < c.C; ++j) l += double(dyv[sz(i * c.C + j)]) * wv[sz(j)] * xr[sz(j)] * r;
         return l;
       };
       // dx = r (w dy - xhat m) cancels (fully for C = 1): the fp32 result is

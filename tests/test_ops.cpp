@@ -98,7 +98,9 @@ std::string case_name(const ::testing::TestParamInfo<OpCase>& info) { return inf
 std::vector<OpCase> rmsnorm_cases() {
   std::vector<OpCase> out;
   // {12, 16}: qwen3's q/k norm, which is this op on (N*H, D) rows (3 tokens x 4 heads of 16).
-  for (auto [N, C] : {std::pair<int64_t, int64_t>{1, 8}, {3, 16}, {4, 64}, {12, 16}}) {
+  for (const auto& nc : {std::pair<int64_t, int64_t>{1, 8}, {3, 16}, {4, 64}, {12, 16}}) {
+    // Plain variables, not a structured binding: clang 14 cannot capture one.
+    const int64_t N = nc.first, C = nc.second;
     out.push_back({"N" + std::to_string(N) + "_C" + std::to_string(C), [N, C] {
                      auto weight = std::make_shared<Vec>(randn(C, 5));
                      Problem p;
