@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -278,6 +279,28 @@ TEST(DType, ConvertFromF32) {
   uint8_t b[3];
   EXPECT_THROW(convert_from_f32(in, 3, DType::I8, b), Error);
   EXPECT_THROW(convert_from_f32(in, 3, DType::F8_E4M3, b), Error);
+}
+
+// A safetensors tensor may start at an odd byte offset (after an odd-length
+// U8 tensor, as in a bitsandbytes checkpoint). Reading it through a cast
+// uint16_t pointer was undefined behaviour that x86 tolerates, so this test
+// passes either way in the normal build and fails under UBSan without the fix
+// (scripts/sanitize.sh; WeightsNested.BitsandbytesCheckpointKeepsItsOwnNestedState
+// found it).
+TEST(DType, ConversionsTakeUnalignedBuffers) {
+  const float in[3] = {1.0f, -2.0f, 0.5f};
+  alignas(8) unsigned char buf[1 + 3 * 8];
+  for (DType t : {DType::BF16, DType::F16}) {
+    convert_from_f32(in, 3, t, buf + 1);
+    float out[3];
+    convert_to_f32(buf + 1, t, 3, out);
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(out[i], in[i]) << dtype_name(t);
+  }
+  const double d[3] = {1.0, -2.0, 0.5};
+  std::memcpy(buf + 1, d, sizeof d);
+  float out[3];
+  convert_to_f32(buf + 1, DType::F64, 3, out);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(out[i], in[i]);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -81,24 +82,36 @@ float f8e4m3_to_f32(uint8_t v) {
 
 float f8e5m2_to_f32(uint8_t v) { return f16_to_f32(uint16_t(v) << 8); }
 
+namespace {
+// Element i of a buffer with no alignment promise: a tensor in a safetensors
+// file may start at any byte offset (an odd-length U8 tensor before it), so
+// the bytes are copied out rather than read through a cast pointer, which is
+// undefined behaviour when misaligned (UBSan, docs/reliability.md). The
+// compiler turns the memcpy into one plain load.
+template <class T>
+T load_unaligned(const void* src, size_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const unsigned char*>(src) + i * sizeof(T), sizeof(T));
+  return v;
+}
+template <class T>
+void store_unaligned(void* dst, size_t i, T v) {
+  std::memcpy(static_cast<unsigned char*>(dst) + i * sizeof(T), &v, sizeof(T));
+}
+}  // namespace
+
 void convert_to_f32(const void* src, DType t, size_t n, float* dst) {
   switch (t) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
-    case DType::F64: {
-      const auto* s = static_cast<const double*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
+    case DType::F64:
+      for (size_t i = 0; i < n; ++i) dst[i] = float(load_unaligned<double>(src, i));
       return;
-    }
-    case DType::BF16: {
-      const auto* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+    case DType::BF16:
+      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load_unaligned<uint16_t>(src, i));
       return;
-    }
-    case DType::F16: {
-      const auto* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+    case DType::F16:
+      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load_unaligned<uint16_t>(src, i));
       return;
-    }
     case DType::F8_E4M3: {
       const auto* s = static_cast<const uint8_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = f8e4m3_to_f32(s[i]);
@@ -116,16 +129,12 @@ void convert_to_f32(const void* src, DType t, size_t n, float* dst) {
 void convert_from_f32(const float* src, size_t n, DType t, void* dst) {
   switch (t) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
-    case DType::BF16: {
-      auto* d = static_cast<uint16_t*>(dst);
-      for (size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+    case DType::BF16:
+      for (size_t i = 0; i < n; ++i) store_unaligned(dst, i, f32_to_bf16(src[i]));
       return;
-    }
-    case DType::F16: {
-      auto* d = static_cast<uint16_t*>(dst);
-      for (size_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+    case DType::F16:
+      for (size_t i = 0; i < n; ++i) store_unaligned(dst, i, f32_to_f16(src[i]));
       return;
-    }
     default: fail("cannot store F32 values as ", dtype_name(t), ": expected F32, F16 or BF16");
   }
 }
