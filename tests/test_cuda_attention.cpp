@@ -69,7 +69,8 @@ namespace {
 
 using testing::sz;
 
-constexpr double kBf16Rounding = 1.0 / 256;  // 2^-8: one rounding to bf16 (see the top of the file)
+// Used by the GPU cases only; clang warns about an unused constant without CUDA.
+[[maybe_unused]] constexpr double kBf16Rounding = 1.0 / 256;  // 2^-8: one rounding to bf16 (top of the file)
 constexpr double kFp32Slack = 1.0 / 4096;    // 2^-12 of the terms' size
 
 // ---- cases ---------------------------------------------------------------------------
