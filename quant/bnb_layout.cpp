@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_integer.h"
+#include "core/json_parse.h"
 #include "quant/dynamic_map.h"
 
 namespace qlora {
@@ -149,7 +151,7 @@ std::vector<OwnedTensor> bnb_tensors(const std::string& w, const Quant4Tensor& q
 BnbQuantState parse_bnb_quant_state(std::span<const uint8_t> bytes, const std::string& where) {
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(bytes.begin(), bytes.end());
+    j = parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()), where);
   } catch (const nlohmann::json::exception& e) {
     fail(where, ": quant state is not valid JSON: ", e.what());
   }
@@ -159,10 +161,9 @@ BnbQuantState parse_bnb_quant_state(std::span<const uint8_t> bytes, const std::s
     return j.at(key);
   };
   auto positive_int = [&](const char* key) {
-    const auto& v = need(key);
-    if (!v.is_number_integer() || v.get<int64_t>() <= 0)
-      fail(where, ": quant state \"", key, "\" must be a positive integer");
-    return v.get<int64_t>();
+    const auto v = json_integer_within(need(key), 1, INT64_MAX);
+    if (!v) fail(where, ": quant state \"", key, "\" must be a positive integer");
+    return *v;
   };
   BnbQuantState st;
   const auto& qt = need("quant_type");
@@ -177,9 +178,9 @@ BnbQuantState parse_bnb_quant_state(std::span<const uint8_t> bytes, const std::s
   const auto& sh = need("shape");
   if (!sh.is_array()) fail(where, ": quant state \"shape\" must be a list of integers");
   for (const auto& d : sh) {
-    if (!d.is_number_integer() || d.get<int64_t>() < 0)
-      fail(where, ": quant state \"shape\" must be a list of non-negative integers");
-    st.shape.push_back(d.get<int64_t>());
+    const auto n = json_integer_within(d, 0, INT64_MAX);
+    if (!n) fail(where, ": quant state \"shape\" must be a list of non-negative integers");
+    st.shape.push_back(*n);
   }
   st.nested = j.contains("nested_offset") || j.contains("nested_blocksize");
   if (st.nested) {
@@ -187,6 +188,8 @@ BnbQuantState parse_bnb_quant_state(std::span<const uint8_t> bytes, const std::s
     const auto& off = need("nested_offset");
     if (!off.is_number()) fail(where, ": quant state \"nested_offset\" must be a number");
     st.nested_offset = static_cast<float>(off.get<double>());
+    if (!std::isfinite(st.nested_offset))
+      fail(where, ": quant state \"nested_offset\" is not a finite float32");
     const auto& nd = need("nested_dtype");
     if (!nd.is_string() || nd.get<std::string>() != "float32")
       fail(where, ": nested_dtype must be \"float32\"");

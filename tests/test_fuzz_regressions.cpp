@@ -74,6 +74,25 @@ TEST(FuzzRegressions, YamlDocumentsStartingWithACommaAreRefusedNotHung) {
   EXPECT_EQ(e4.find("cannot start with ','"), std::string::npos) << e4;
 }
 
+// The general form of the hang above: yaml-cpp's LoadAll asked for documents
+// forever once its parser stopped at a ',' after a document's value (here a
+// tag: "!trai,n.lr..."). Documents are now counted with the parser itself.
+TEST(FuzzRegressions, YamlCommasAfterADocumentsValueAreRefusedNotHung) {
+  const std::string e = testing::error_of([&] {
+    parse_recipe(testing::read_bytes(regression("recipe", "yaml-cpp-hang-tag-comma")), "r.yaml",
+                 QLORA_SOURCE_DIR);
+  });
+  EXPECT_NE(e.find("r.yaml:1:6: invalid YAML: ',' after the document's value"), std::string::npos) << e;
+  for (const std::string yaml : {"!x ,a\n", "&a !x ,b\n", "!x\n,a\n", "[a] ,b\n", "\"a\" ,b\n", "- a\n,b\n",
+                                 "|\n  x\n,b\n", "{a: 1} ,b\n", "model:\n  path: x\n--- !x ,a\n"}) {
+    const std::string e2 = testing::error_of([&] { parse_recipe(yaml, "r.yaml", QLORA_SOURCE_DIR); });
+    EXPECT_NE(e2.find("invalid YAML: ','"), std::string::npos) << yaml << ": " << e2;
+  }
+  // A comma continuing a plain scalar is YAML as usual ("x ,b").
+  const std::string e3 = testing::error_of([&] { parse_recipe("x\n,b\n", "r.yaml", QLORA_SOURCE_DIR); });
+  EXPECT_EQ(e3.find("invalid YAML"), std::string::npos) << e3;
+}
+
 // A number too large for a double ("29e889") is nlohmann's out_of_range,
 // which escaped the reader's parse_error handler.
 TEST(FuzzRegressions, DatasetNumbersTooLargeAreMalformedJson) {
@@ -102,6 +121,18 @@ TEST(FuzzRegressions, AdapterRankThatIsNotAnIntegerIsRefusedByKey) {
                        testing::read_bytes(regression("peft_config", "rank-float-overflow")));
   const std::string e = testing::error_of([&] { (void)LoraWeights::load_peft(dir / "a", cfg); });
   EXPECT_NE(e.find("adapter_config.json: \"r\" must be an integer, got number"), std::string::npos) << e;
+}
+
+// A vocabulary id 1.06e115 in tokenizer.json was read by get<TokenId>():
+// UBSan float-cast-overflow (found by fuzz_tokenizer_json in CI).
+TEST(FuzzRegressions, TokenizerJsonIdsThatAreNotIntegersAreRefusedByPiece) {
+  testing::ScratchDir dir;
+  testing::write_bytes(dir / "tokenizer.json",
+                       testing::read_bytes(regression("tokenizer_json", "vocab-id-float-overflow")));
+  const std::string e =
+      testing::error_of([&] { (void)tok::load_tokenizer_json(dir / "tokenizer.json", {}); });
+  EXPECT_NE(e.find("tokenizer.json: vocab entry '<0x63>' must be an integer, got number"), std::string::npos)
+      << e;
 }
 
 }  // namespace

@@ -192,6 +192,27 @@ TEST(Metrics, CorruptLineInTheMiddleIsAnError) {
   EXPECT_NE(error_of([&] { read_metrics(dir / "missing.jsonl"); }).find("missing.jsonl"), std::string::npos);
 }
 
+// "step" is read as an integer only when it is one in [0, 2^63): 1e99 was cast
+// out of range by get<int64_t>() (undefined behaviour), 2^64-1 wrapped.
+TEST(Metrics, StepsThatAreNotIntegersInRangeAreNotRecords) {
+  ScratchDir dir;
+  const fs::path p = dir / "metrics.jsonl";
+  for (const std::string step : {"1e99", "1.5", "18446744073709551615", "-1", "\"3\""}) {
+    write_bytes(p, "{\"step\":1}\n{\"step\":" + step + "}\n{\"step\":3}\n");
+    const std::string msg = error_of([&] { read_metrics(p); });
+    EXPECT_NE(msg.find("metrics.jsonl:2: not a metrics record"), std::string::npos) << step << ": " << msg;
+  }
+  // Counts out of range read as unknown (0), not as a wrapped number.
+  write_bytes(p,
+              "{\"step\":1,\"tokens\":1e99,\"mem_bytes\":-5}\n{\"step\":2,\"tokens\":7,\"mem_bytes\":9}\n");
+  const MetricsHistory h = read_metrics(p);
+  ASSERT_EQ(h.train.size(), 2u);
+  EXPECT_EQ(h.train[0].tokens, 0);
+  EXPECT_EQ(h.train[0].mem_bytes, 0u);
+  EXPECT_EQ(h.train[1].tokens, 7);
+  EXPECT_EQ(h.train[1].mem_bytes, 9u);
+}
+
 // ---- the progress line ----------------------------------------------------
 
 TEST(ProgressLine, FormatsTheStepLine) {

@@ -257,7 +257,8 @@ TEST(Tokenizer, ErrorsNameTheFileAndCause) {
   EXPECT_NE(with(R"({"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]})", "").find("missing from the vocab"),
             std::string::npos);
 
-  EXPECT_NE(with(R"({"type": "BPE", "vocab": {"a": 2000000000}, "merges": []})", "").find("invalid id"),
+  EXPECT_NE(with(R"({"type": "BPE", "vocab": {"a": 2000000000}, "merges": []})", "")
+                .find("vocab entry 'a' must be in [0, 4194303], got 2000000000"),
             std::string::npos);
 
   // A minimal valid file loads, and merges work in both forms.
@@ -270,6 +271,46 @@ TEST(Tokenizer, ErrorsNameTheFileAndCause) {
 
   testing::write_bytes(d / "bad.model", "this is not a sentencepiece model");
   EXPECT_NE(message_of([&] { Tokenizer::load(d / "bad.model"); }).find("bad.model"), std::string::npos);
+}
+
+// Every id in tokenizer.json is an integer in [0, kMaxVocabSize): a float
+// such as 1.06e115 (found by fuzz_tokenizer_json) was cast to int32 out of
+// range (undefined behaviour), a huge id sized the dense id tables.
+TEST(Tokenizer, IdsInTokenizerJsonAreBoundedIntegers) {
+  ScratchDir d;
+  const auto error = [&](const std::string& body) {
+    testing::write_bytes(d / "tokenizer.json", body);
+    return message_of([&] { Tokenizer::load(d.path()); });
+  };
+  const auto with_vocab = [&](const std::string& id) {
+    return error(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": )" + id + R"(}, "merges": []}})");
+  };
+  const std::string file = (d / "tokenizer.json").string();
+  EXPECT_NE(with_vocab("1.06e115").find(file + ": vocab entry 'b' must be an integer, got number"),
+            std::string::npos)
+      << with_vocab("1.06e115");
+  EXPECT_NE(with_vocab("1.0").find("vocab entry 'b' must be an integer"), std::string::npos);
+  EXPECT_NE(with_vocab("-1").find("vocab entry 'b' must be in [0, 4194303], got -1"), std::string::npos);
+  EXPECT_NE(with_vocab("4194304").find("vocab entry 'b' must be in [0, 4194303], got 4194304"),
+            std::string::npos);
+  EXPECT_NE(with_vocab("18446744073709551615").find("must be in [0, 4194303], got 18446744073709551615"),
+            std::string::npos);
+  const std::string model = R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []})";
+  const std::string added = error(R"({"added_tokens": [{"id": 1e300, "content": "<s>"}], )" + model + "}");
+  EXPECT_NE(added.find(file + ": added token '<s>' id must be an integer, got number"), std::string::npos)
+      << added;
+  const std::string post = error(
+      R"({"post_processor": {"type": "TemplateProcessing", "single": [],
+          "special_tokens": {"<s>": {"id": "<s>", "ids": [2.5e40]}}}, )" +
+      model + "}");
+  EXPECT_NE(post.find("post_processor special token '<s>' id must be an integer"), std::string::npos) << post;
+  const std::string strip =
+      error(R"({"decoder": {"type": "Strip", "content": " ", "start": 1e30, "stop": 0}, )" + model + "}");
+  EXPECT_NE(strip.find("Strip decoder \"start\" must be an integer"), std::string::npos) << strip;
+  // The largest id allowed loads.
+  testing::write_bytes(d / "tokenizer.json",
+                       R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 4194303}, "merges": []}})");
+  EXPECT_EQ(Tokenizer::load(d.path())->vocab_size(), 4194304);
 }
 
 }  // namespace

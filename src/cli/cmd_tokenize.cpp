@@ -10,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "data/dataset_reader.h"
 #include "data/tokenize_sample.h"
 #include "tokenizer/tokenizer.h"
@@ -38,7 +39,7 @@ int print_chat(const Tokenizer& tk, const std::string& input, const std::string&
                bool generation_prompt) {
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(input);
+    j = parse_json(input, "tokenize --chat input");
   } catch (const nlohmann::json::exception& e) {
     fail("tokenize --chat: the input is not valid JSON: ", e.what());
   }

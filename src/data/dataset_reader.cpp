@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "core/mapped_file.h"
 
 namespace qlora {
@@ -252,7 +253,7 @@ void read_jsonl(std::string_view bytes, const std::string& name, const ReadOptio
       if (!valid_utf8(text, &bad)) fail("invalid UTF-8 at byte ", bad + 1, " of the line");
       json j;
       try {
-        j = json::parse(text);
+        j = parse_json(text, "");           // the record's file:line prefixes the error
       } catch (const json::exception& e) {  // parse_error, or out_of_range for "1e999"
         fail("malformed JSON: ", e.what());
       }
@@ -365,7 +366,7 @@ ReadResult read_dataset(const std::filesystem::path& file, const ReadOptions& o)
   if (!valid_utf8(bytes, &bad)) fail(name, ":", line_of_offset(bytes, bad), ": invalid UTF-8");
   json doc;
   try {
-    doc = json::parse(bytes);
+    doc = parse_json(bytes, name);
   } catch (const json::parse_error& e) {
     // "{...}\n{...}" is JSONL in a .json file: read it line by line.
     if (bytes[first] == '{') {

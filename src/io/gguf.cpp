@@ -162,6 +162,8 @@ class Parser {
     a.elem = type("array element type");
     const uint64_t count = le(8, "array length");
     const uint64_t min = min_encoded_bytes(a.elem);
+    if (count > kGgufMaxArrayElements)
+      error("array of ", count, " values; a metadata array may have at most ", kGgufMaxArrayElements);
     if (count > remaining() / min)
       error("array of ", count, " ", gguf_type_name(a.elem), " values needs at least ", count, " x ", min,
             " bytes but only ", remaining(), " remain in the file");

@@ -33,7 +33,8 @@
 //   keys and tensor names are unique; tensor names are at most 63 bytes (ggml's limit).
 // - Memory: every metadata value becomes a GgufValue (~48 bytes), bounded by
 //   the file size (each takes at least one byte), so a hostile file of N bytes
-//   costs at most ~50 N bytes of memory.
+//   costs at most ~50 N bytes of memory, and one array at most
+//   kGgufMaxArrayElements elements.
 #pragma once
 
 #include <cstdint>
@@ -70,6 +71,11 @@ inline constexpr uint32_t kGgufDefaultAlignment = 32;
 // Arrays of arrays may nest this deep (an array of scalars is depth 1); the
 // spec sets no limit, but unbounded nesting lets a small file exhaust the stack.
 inline constexpr int kGgufMaxArrayDepth = 8;
+// Elements of one metadata array. The largest real ones are vocabularies
+// (at most 262,144 tokens) and their merge lists (a few times that); 2^25 is
+// 8 x kMaxVocabSize (tokenizer/tokenizer.h), and caps what one array can cost
+// (~48 bytes an element: 1.5 GiB) whatever the file size.
+inline constexpr uint64_t kGgufMaxArrayElements = uint64_t(1) << 25;
 inline constexpr size_t kGgufMaxDims = 4;
 // ggml keeps tensor names in a 64-byte buffer with a terminator; llama.cpp
 // refuses longer names, so neither side accepts them.

@@ -14,6 +14,8 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/json_integer.h"
+#include "core/json_parse.h"
 #include "io/gguf_config.h"
 
 namespace qlora {
@@ -283,8 +285,9 @@ void qwen_sliding_window(ModelConfig& c, const Keys& k, std::optional<int64_t> w
     // max_window_layers may be 0 (every layer slides); the class default is 28.
     int64_t first = 28;
     if (const json* m = k.find("max_window_layers")) {
-      if (!m->is_number_integer() || m->get<int64_t>() < 0) k.wrong("max_window_layers", "an integer >= 0", *m);
-      first = m->get<int64_t>();
+      const auto n = json_integer_within(*m, 0, INT64_MAX);
+      if (!n) k.wrong("max_window_layers", "an integer >= 0", *m);
+      first = *n;
     }
     for (int64_t l = first; l < L; ++l) c.sliding_layers[size_t(l)] = true;
   }
@@ -412,7 +415,7 @@ ModelConfig load_model_config(const std::filesystem::path& dir_or_file) {
 
   json j;
   try {
-    j = json::parse(text.str());
+    j = parse_json(text.str(), file.string());
   } catch (const json::exception& e) {
     fail(file.string(), ": invalid JSON: ", e.what());
   }

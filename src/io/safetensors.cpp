@@ -12,6 +12,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 
 namespace qlora {
 
@@ -93,6 +94,7 @@ SafetensorsFile::SafetensorsFile(const fs::path& file) : map_(file) {
   json header;
   try {
     const char* h = reinterpret_cast<const char*>(bytes.data() + 8);
+    check_json_shape(std::string_view(h, size_t(n)), p);
     header = json::parse(h, h + n, on_event);
   } catch (const json::exception& e) {
     fail(p, ": header is not valid JSON: ", e.what());
@@ -210,7 +212,7 @@ json read_json_file(const fs::path& path) {
   MappedFile m(path);
   const char* b = reinterpret_cast<const char*>(m.bytes().data());
   try {
-    return json::parse(b, b + m.size());
+    return parse_json(std::string_view(b, m.size()), path.string());
   } catch (const json::exception& e) {
     fail(path.string(), ": not valid JSON: ", e.what());
   }

@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/json_integer.h"
+#include "core/json_parse.h"
 #include "io/safetensors.h"
 #include "model/tensor_table.h"
 #include "tokenizer/regex.h"
@@ -229,8 +230,8 @@ LoraWeights LoraWeights::load_peft(const std::filesystem::path& dir, const Model
   // ordered_json: a pattern's position decides which key wins, as in PEFT.
   nlohmann::ordered_json j;
   try {
-    j = nlohmann::ordered_json::parse(f);
-  } catch (const std::exception& e) {
+    j = parse_json<nlohmann::ordered_json>(f, cfg_path.string());
+  } catch (const nlohmann::json::exception& e) {
     fail(cfg_path.string(), ": invalid JSON: ", e.what());
   }
   LoraConfig lc;

@@ -4,6 +4,7 @@
 // (1-based; yaml-cpp's marks are 0-based) or "override '<text>'".
 #include "recipe/recipe.h"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -25,7 +26,8 @@ namespace {
 
 // The line (1-based) of a document whose first token is ',', or 0. yaml-cpp
 // 0.7 loops forever, allocating, on such a document (",a:" alone does it;
-// found by fuzz/fuzz_recipe), so it is refused before yaml-cpp sees it. A
+// found by fuzz/fuzz_recipe; count_documents below covers every case, this
+// gives the commonest its own message). A
 // document starts at the top, after a "---" line (the rest of that line
 // included) and after a "..." line.
 size_t comma_starting_a_document(const std::string& yaml) {
@@ -46,6 +48,45 @@ size_t comma_starting_a_document(const std::string& yaml) {
     at_start = false;
   }
   return 0;
+}
+
+// yaml-cpp 0.7's LoadAll loops forever, allocating, when its parser stops at
+// a ',' that follows a document's top-level value ("!x ,a", "[a] ,b",
+// "- a\n,b"; found by fuzz/fuzz_recipe): HandleNextDocument returns an empty
+// document without consuming the token, and LoadAll asks for the next one
+// again. So documents are counted here with the parser itself, building
+// nothing, and a document that starts where the previous one did is an
+// error. Valid YAML never does that (each document consumes a token), so no
+// valid recipe is refused; YAML::Load then reads the one document.
+class DocumentStarts final : public YAML::EventHandler {
+ public:
+  std::vector<YAML::Mark> starts;
+  void OnDocumentStart(const YAML::Mark& m) override { starts.push_back(m); }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {
+  }
+  void OnMapEnd() override {}
+};
+
+size_t count_documents(const std::string& yaml, const std::string& name) {
+  std::istringstream in(yaml);
+  YAML::Parser parser(in);
+  DocumentStarts h;
+  while (parser.HandleNextDocument(h)) {
+    const auto& s = h.starts;
+    if (s.size() >= 2 && s[s.size() - 1].pos == s[s.size() - 2].pos) {
+      const YAML::Mark& m = s.back();
+      fail(name, ":", m.line + 1, ":", m.column + 1, ": invalid YAML: '", yaml.substr(size_t(m.pos), 1),
+           "' after the document's value (or at its start)");
+    }
+  }
+  return h.starts.size();
 }
 
 }  // namespace
@@ -643,10 +684,9 @@ Recipe parse_recipe(const std::string& yaml, const std::string& name, const std:
     fail(name, ":", line, ": invalid YAML: a document cannot start with ','");
   Node root;
   try {
-    const std::vector<Node> docs = YAML::LoadAll(yaml);
-    if (docs.size() > 1)
-      fail(name, ": holds ", docs.size(), " YAML documents (separated by ---); a recipe is one");
-    if (!docs.empty()) root = docs[0];
+    const size_t docs = count_documents(yaml, name);
+    if (docs > 1) fail(name, ": holds ", docs, " YAML documents (separated by ---); a recipe is one");
+    if (docs == 1) root = YAML::Load(yaml);
   } catch (const YAML::ParserException& e) {
     if (e.mark.is_null()) fail(name, ": invalid YAML: ", e.msg);
     fail(name, ":", e.mark.line + 1, ":", e.mark.column + 1, ": invalid YAML: ", e.msg);

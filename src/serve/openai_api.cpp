@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "core/error.h"
+#include "core/json_parse.h"
 #include "serve/generation.h"
 
 namespace qlora {
@@ -113,9 +115,11 @@ Conversation parse_messages(const json& m) {
 CompletionRequest parse_completion_request(std::string_view body, Endpoint endpoint) {
   json j;
   try {
-    j = json::parse(body);
+    j = parse_json(body, "");
   } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
     throw invalid_request(std::string("the request body is not valid JSON: ") + e.what());
+  } catch (const Error& e) {  // nested deeper than kMaxJsonDepth
+    throw invalid_request(std::string("the request body is not accepted: ") + e.what());
   }
   if (!j.is_object())
     throw invalid_request(std::string("the request body must be a JSON object, got ") + type_name(j));

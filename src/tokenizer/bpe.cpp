@@ -94,7 +94,8 @@ Bpe::Bpe(const std::vector<std::pair<std::string, TokenId>>& vocab,
   TokenId max_id = -1;
   for (const auto& [p, id] : vocab) {
     // Ids index dense tables; refuse absurd ones instead of allocating for them.
-    if (id < 0 || id >= (1 << 26)) fail(file, ": vocab entry '", p, "' has an invalid id ", id);
+    if (id < 0 || id >= kMaxVocabSize)
+      fail(file, ": vocab entry '", p, "' has id ", id, ", outside [0, ", kMaxVocabSize, ")");
     max_id = std::max(max_id, id);
   }
   id_to_piece_.resize(size_t(max_id + 1));

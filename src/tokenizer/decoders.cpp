@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_integer.h"
 #include "tokenizer/unicode_bytes.h"
 
 namespace qlora::tok {
@@ -137,9 +138,16 @@ std::unique_ptr<Decoder> parse_decoder(const json& j, const std::string& file) {
   }
   if (type == "ByteFallback") return std::make_unique<ByteFallbackDecoder>();
   if (type == "Fuse") return std::make_unique<FuseDecoder>();
-  if (type == "Strip")
-    return std::make_unique<StripDecoder>(j.at("content").get<std::string>(), j.value("start", size_t(0)),
-                                          j.value("stop", size_t(0)));
+  if (type == "Strip") {
+    // How many characters to strip: a count, bounded by any real use (HF's
+    // Llama 2 strips 1), never a cast of a float or a negative number.
+    const auto count = [&](const char* key) {
+      return j.contains(key)
+                 ? size_t(json_integer_in(j.at(key), str(file, ": Strip decoder \"", key, "\""), 0, 1 << 20))
+                 : size_t(0);
+    };
+    return std::make_unique<StripDecoder>(j.at("content").get<std::string>(), count("start"), count("stop"));
+  }
   if (type == "Metaspace") {
     bool prepend = j.value("add_prefix_space", true);
     if (j.contains("prepend_scheme")) prepend = j.at("prepend_scheme").get<std::string>() != "never";

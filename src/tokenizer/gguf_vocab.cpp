@@ -125,6 +125,13 @@ GgufTokenizerFiles gguf_tokenizer_files(const GgufFile& f) {
   if (!f.find("tokenizer.ggml.model"))
     fail(file, ": no tokenizer in the metadata (key tokenizer.ggml.model is missing)");
   const std::string model = f.get_string("tokenizer.ggml.model");
+  // Counted before the strings are copied: a vocabulary over kMaxVocabSize
+  // is refused by name, never sized into tables.
+  const GgufValue* listed = f.find("tokenizer.ggml.tokens");
+  if (const auto* a = listed ? std::get_if<GgufArray>(&listed->v) : nullptr;
+      a && a->items.size() > size_t(kMaxVocabSize))
+    fail(file, ": key tokenizer.ggml.tokens has ", a->items.size(), " tokens; a vocabulary has at most ",
+         kMaxVocabSize);
   const std::vector<std::string> tokens = f.get_string_array("tokenizer.ggml.tokens");
   if (tokens.empty()) fail(file, ": key tokenizer.ggml.tokens is empty");
   std::vector<int64_t> types(tokens.size(), GgufTokenType::kNormal);

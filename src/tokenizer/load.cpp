@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "tokenizer/gguf_vocab.h"
 #include "tokenizer/loaders.h"
 
@@ -33,7 +34,7 @@ TokenizerConfig read_tokenizer_config(const fs::path& dir) {
   if (!in) return {};
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
+    j = parse_json(in, file.string());
   } catch (const nlohmann::json::exception& e) {
     fail(file.string(), ": malformed JSON: ", e.what());
   }

@@ -8,6 +8,11 @@
 // slow LlamaTokenizer does too.
 #include <sentencepiece_processor.h>
 
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <string_view>
+
 #include "core/error.h"
 #include "tokenizer/added_tokens.h"
 #include "tokenizer/loaders.h"
@@ -16,15 +21,70 @@ namespace qlora::tok {
 
 namespace {
 
+// How many pieces (ModelProto field 1) a serialized model holds, counted in
+// the protobuf wire format without building anything, so that a vocabulary
+// over kMaxVocabSize is refused before libsentencepiece allocates for it.
+// nullopt when the bytes are not well-formed protobuf (the library says why).
+std::optional<uint64_t> count_pieces(std::string_view b) {
+  size_t i = 0;
+  const auto varint = [&](uint64_t& v) {
+    v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (i >= b.size()) return false;
+      const auto c = static_cast<uint8_t>(b[i++]);
+      v |= uint64_t(c & 0x7f) << shift;
+      if (!(c & 0x80)) return true;
+    }
+    return false;
+  };
+  uint64_t pieces = 0, key = 0, v = 0;
+  while (i < b.size()) {
+    if (!varint(key)) return std::nullopt;
+    switch (key & 7) {
+      case 0:  // varint
+        if (!varint(v)) return std::nullopt;
+        break;
+      case 1:  // fixed64
+        if (b.size() - i < 8) return std::nullopt;
+        i += 8;
+        break;
+      case 2:  // length-delimited: a piece is a message in field 1
+        if (!varint(v) || v > b.size() - i) return std::nullopt;
+        i += size_t(v);
+        if ((key >> 3) == 1) ++pieces;
+        break;
+      case 5:  // fixed32
+        if (b.size() - i < 4) return std::nullopt;
+        i += 4;
+        break;
+      default:
+        return std::nullopt;
+    }
+  }
+  return pieces;
+}
+
+std::string read_model_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (!in) fail(path, ": cannot read tokenizer file");
+  return std::move(ss).str();
+}
+
 class SpmTokenizer final : public Tokenizer {
  public:
   // `model` is a file path, or (from_bytes) the serialized model itself;
   // `source` names it in errors.
   SpmTokenizer(const std::string& model, bool from_bytes, const std::string& source, TokenizerConfig cfg)
       : cfg_(std::move(cfg)) {
+    const std::string bytes = from_bytes ? std::string() : read_model_file(model);
+    const std::string_view proto = from_bytes ? std::string_view(model) : std::string_view(bytes);
+    if (const auto n = count_pieces(proto); n && *n > uint64_t(kMaxVocabSize))
+      fail(source, ": the model has ", *n, " pieces; a vocabulary has at most ", kMaxVocabSize);
     sentencepiece::util::Status st;
     try {
-      st = from_bytes ? sp_.LoadFromSerializedProto(model) : sp_.Load(model);
+      st = sp_.LoadFromSerializedProto(proto);
     } catch (const std::exception& e) {
       // The library throws on some malformed models (an empty piece makes its
       // trie builder throw "zero-length key"; found by fuzz/fuzz_sentencepiece).

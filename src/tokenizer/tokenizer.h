@@ -20,6 +20,14 @@ namespace qlora {
 
 using TokenId = int32_t;
 
+// The most tokens a vocabulary may have, and so 1 + the largest token id, in
+// every tokenizer format (tokenizer.json, tokenizer.model, GGUF). Real
+// vocabularies have at most 262,144 (Gemma 3); 2^22 = 4,194,304 is 16 times
+// that, and bounds what a file can make qlora allocate for ids (the dense
+// id -> piece tables, an embedding of vocab_size rows) before anything looks
+// at the model. A file with more is refused by name (docs/reliability.md).
+inline constexpr TokenId kMaxVocabSize = TokenId(1) << 22;
+
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;

@@ -9,6 +9,8 @@
 #include <unordered_set>
 
 #include "core/error.h"
+#include "core/json_integer.h"
+#include "core/json_parse.h"
 #include "tokenizer/added_tokens.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/decoders.h"
@@ -29,11 +31,20 @@ struct Template {
   std::vector<TokenId> before, after;
 };
 
+// A token id from the file: an integer in [0, kMaxVocabSize), never a cast
+// of whatever number is there (1e115 was one, found by fuzz_tokenizer_json).
+TokenId token_id_at(const json& v, const std::string& where) {
+  return TokenId(json_integer_in(v, where, 0, kMaxVocabSize - 1));
+}
+
 void parse_template_processing(const json& j, const std::string& file, Template& t) {
   std::unordered_map<std::string, std::vector<TokenId>> specials;
   if (j.contains("special_tokens"))
-    for (const auto& [name, v] : j.at("special_tokens").items())
-      specials[name] = v.at("ids").get<std::vector<TokenId>>();
+    for (const auto& [name, v] : j.at("special_tokens").items()) {
+      auto& ids = specials[name];
+      for (const auto& id : v.at("ids"))
+        ids.push_back(token_id_at(id, file + ": post_processor special token '" + name + "' id"));
+    }
   t.present = true;
   bool seen_a = false;
   for (const auto& item : j.at("single")) {
@@ -68,6 +79,14 @@ void parse_post_processor(const json& j, const std::string& file, Template& t) {
          "' (supported: TemplateProcessing, ByteLevel, Sequence)");
   }
 }
+
+// The vocabulary is tokenizer.json's largest object and the merges its
+// largest array; a file with more is refused before a tree is built for it.
+// SentencePiece-converted merge lists run to a few times the vocabulary
+// (Llama 2: 61,249 merges for 32,000 tokens).
+const JsonLimits kTokenizerJsonLimits{.max_object_members = uint64_t(kMaxVocabSize),
+                                      .max_array_elements = 8 * uint64_t(kMaxVocabSize),
+                                      .why = "a tokenizer's vocabulary has at most 4194304 entries"};
 
 class HfTokenizer final : public Tokenizer {
  public:
@@ -120,8 +139,8 @@ HfTokenizer::HfTokenizer(const std::string& file, const json& j, TokenizerConfig
   if (j.contains("added_tokens")) {
     for (const auto& a : j.at("added_tokens")) {
       AddedToken t;
-      t.id = a.at("id").get<TokenId>();
       t.content = a.at("content").get<std::string>();
+      t.id = token_id_at(a.at("id"), file_ + ": added token '" + t.content + "' id");
       t.special = a.value("special", false);
       t.lstrip = a.value("lstrip", false);
       t.rstrip = a.value("rstrip", false);
@@ -165,9 +184,15 @@ void HfTokenizer::parse_model(const json& m) {
     if (m.contains(k) && !m.at(k).is_null() && !m.at(k).get<std::string>().empty())
       fail(file_, ": unsupported BPE option ", k);
 
+  const json& entries = m.at("vocab");
+  if (!entries.is_object())
+    fail(file_, ": model.vocab must be an object of piece: id, got ", entries.type_name());
+  if (entries.size() > size_t(kMaxVocabSize))
+    fail(file_, ": model.vocab has ", entries.size(), " entries; a vocabulary has at most ", kMaxVocabSize);
   std::vector<std::pair<std::string, TokenId>> vocab;
-  vocab.reserve(m.at("vocab").size());
-  for (const auto& [piece, id] : m.at("vocab").items()) vocab.emplace_back(piece, id.get<TokenId>());
+  vocab.reserve(entries.size());
+  for (const auto& [piece, id] : entries.items())
+    vocab.emplace_back(piece, token_id_at(id, file_ + ": vocab entry '" + piece + "'"));
 
   // Merges come as "a b" strings or as ["a", "b"] pairs in newer files. The
   // string form is ambiguous when a piece itself contains a space (Llama 2's
@@ -304,7 +329,7 @@ std::unique_ptr<Tokenizer> load_tokenizer_json(const std::filesystem::path& file
   if (!in) fail(file.string(), ": cannot open tokenizer file");
   json j;
   try {
-    j = json::parse(in);
+    j = parse_json(in, file.string(), kTokenizerJsonLimits);
   } catch (const json::exception& e) {
     fail(file.string(), ": malformed JSON: ", e.what());
   }

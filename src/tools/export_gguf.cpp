@@ -7,6 +7,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "io/gguf_writer.h"
 #include "io/hf_config.h"
 #include "model/builtin.h"
@@ -49,7 +50,7 @@ fs::path adapter_base(const fs::path& adapter) {
   if (!in) fail("cannot open ", cfg_path.string(), " (expected a PEFT adapter folder)");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(in);
+    j = parse_json(in, cfg_path.string());
   } catch (const nlohmann::json::exception& e) {
     fail(cfg_path.string(), ": invalid JSON: ", e.what());
   }

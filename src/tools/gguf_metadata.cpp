@@ -13,6 +13,8 @@
 #include <optional>
 
 #include "core/error.h"
+#include "core/json_integer.h"
+#include "core/json_parse.h"
 #include "tokenizer/gguf_vocab.h"
 
 namespace qlora {
@@ -57,7 +59,7 @@ json read_json(const fs::path& file) {
   std::ifstream in(file, std::ios::binary);
   if (!in) fail("cannot open ", file.string());
   try {
-    return json::parse(in);
+    return parse_json(in, file.string());
   } catch (const json::exception& e) {
     fail(file.string(), ": invalid JSON: ", e.what());
   }
@@ -205,18 +207,25 @@ Vocab byte_level_vocab(const fs::path& file, const json& tj, int64_t n_vocab) {
   if (!m.is_object() || m.value("type", "") != "BPE" || m.value("byte_fallback", false))
     fail(file.string(), ": model.type must be a BPE without byte_fallback for a byte-level tokenizer");
   v.pre = byte_level_pre(tj, file);
+  // Ids are integers in [0, kMaxVocabSize): they size the token list below.
+  const auto id_of = [&](const json& id, const std::string& what) {
+    return json_integer_in(id, file.string() + ": " + what, 0, kMaxVocabSize - 1);
+  };
   std::map<int64_t, std::pair<std::string, int64_t>> by_id;  // id -> (text, type)
   for (const auto& [text, id] : m.at("vocab").items())
-    by_id[id.get<int64_t>()] = {text, GgufTokenType::kNormal};
+    by_id[id_of(id, "vocab entry '" + text + "'")] = {text, GgufTokenType::kNormal};
   if (tj.contains("added_tokens"))
-    for (const json& t : tj["added_tokens"])
-      by_id[t.at("id").get<int64_t>()] = {
-          t.at("content").get<std::string>(),
-          t.value("special", false) ? GgufTokenType::kControl : GgufTokenType::kUserDefined};
+    for (const json& t : tj["added_tokens"]) {
+      const std::string content = t.at("content").get<std::string>();
+      by_id[id_of(t.at("id"), "added token '" + content + "' id")] = {
+          content, t.value("special", false) ? GgufTokenType::kControl : GgufTokenType::kUserDefined};
+    }
   if (by_id.empty()) fail(file.string(), ": empty vocabulary");
   const int64_t size = by_id.rbegin()->first + 1;
-  if (by_id.begin()->first < 0) fail(file.string(), ": negative token id ", by_id.begin()->first);
   if (n_vocab == 0) n_vocab = size;
+  if (n_vocab > kMaxVocabSize)
+    fail(file.string(), ": the model has ", n_vocab, " embedding rows; a vocabulary has at most ",
+         kMaxVocabSize);
   if (size > n_vocab)
     fail(file.string(), ": the tokenizer has token id ", size - 1, " but the model has only ", n_vocab,
          " embedding rows (vocab_size)");
@@ -246,6 +255,9 @@ Vocab sentencepiece_vocab(const fs::path& file, int64_t n_vocab) {
   v.pre = "default";
   const int64_t size = sp.GetPieceSize();
   if (n_vocab == 0) n_vocab = size;
+  if (n_vocab > kMaxVocabSize)
+    fail(file.string(), ": the model has ", n_vocab, " embedding rows; a vocabulary has at most ",
+         kMaxVocabSize);
   if (size > n_vocab)
     fail(file.string(), ": the tokenizer has ", size, " pieces but the model has only ", n_vocab,
          " embedding rows (vocab_size)");

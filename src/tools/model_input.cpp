@@ -4,6 +4,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "io/gguf_config.h"
 #include "quant/bnb_layout.h"
 #include "tokenizer/gguf_vocab.h"
@@ -72,7 +73,7 @@ nlohmann::ordered_json ModelInput::config_json() const {
   const std::string text =
       gguf_ ? gguf_config_json(gguf_->file()).dump() : read_text_file(path_ / "config.json");
   try {
-    return nlohmann::ordered_json::parse(text);
+    return parse_json<nlohmann::ordered_json>(text, (path_ / "config.json").string());
   } catch (const nlohmann::json::exception& e) {
     fail(path_.string(), "/config.json: invalid JSON: ", e.what());
   }

@@ -10,6 +10,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/json_integer.h"
+#include "core/json_parse.h"
 #include "data/token_cache.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
@@ -155,7 +156,7 @@ std::optional<std::string> checkpoint_problem(const fs::path& dir, int64_t step,
     const TrainState s = read_train_state(dir);
     if (s.step != step) return str("state.json says step ", s.step);
     std::ifstream sf(dir / kStateFile);
-    const nlohmann::json j = nlohmann::json::parse(sf);
+    const nlohmann::json j = parse_json(sf, (dir / kStateFile).string());
     if (j.contains("checksums")) {  // written by every qlora since checksums came (docs/reliability.md)
       if (!j.contains("state_digest") || j.at("state_digest") != state_digest(j))
         return std::string("state.json does not match its digest (edited or damaged)");
@@ -258,8 +259,8 @@ TrainState read_train_state(const fs::path& ckpt) {
   if (!f) fail("cannot open ", file.string(), " (not a checkpoint folder?)");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(f);
-  } catch (const std::exception& e) {
+    j = parse_json(f, file.string());
+  } catch (const nlohmann::json::exception& e) {
     fail(file.string(), ": invalid JSON: ", e.what());
   }
   TrainState s;

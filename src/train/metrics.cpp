@@ -11,6 +11,8 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/json_integer.h"
+#include "core/json_parse.h"
 
 namespace qlora {
 
@@ -51,11 +53,18 @@ bool is_blank(std::string_view s) {
 }
 
 // A record is a JSON object with an integer "step"; anything else is not ours.
+// "step" must be an integer in [0, 2^63) (not 1e99, which get<int64_t>()
+// would cast out of range), so rec.at("step").get<int64_t>() below is exact.
 std::optional<nlohmann::json> parse_record(std::string_view line) {
-  auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return std::nullopt;
+  nlohmann::json j;
+  try {
+    j = parse_json(line, "");
+  } catch (const std::exception&) {  // malformed, or nested too deep
+    return std::nullopt;
+  }
+  if (!j.is_object()) return std::nullopt;
   const auto it = j.find("step");
-  if (it == j.end() || !it->is_number_integer()) return std::nullopt;
+  if (it == j.end() || !json_integer_within(*it, 0, INT64_MAX)) return std::nullopt;
   return j;
 }
 
@@ -82,11 +91,11 @@ double number_or_nan(const nlohmann::json& j, const char* key) {
   return it->get<double>();
 }
 
-template <typename T>
-T integer_or(const nlohmann::json& j, const char* key, T fallback) {
+// A count >= 0 (tokens, bytes), or `fallback` when absent or not one.
+int64_t count_or(const nlohmann::json& j, const char* key, int64_t fallback) {
   const auto it = j.find(key);
-  if (it == j.end() || !it->is_number_integer()) return fallback;
-  return it->get<T>();
+  if (it == j.end()) return fallback;
+  return json_integer_within(*it, 0, INT64_MAX).value_or(fallback);
 }
 
 // null for NaN/inf: JSON has no spelling for them.
@@ -187,10 +196,10 @@ MetricsHistory read_metrics(const fs::path& path) {
     m.loss = number_or_nan(rec, "loss");
     m.lr = number_or_nan(rec, "lr");
     m.grad_norm = number_or_nan(rec, "grad_norm");
-    m.tokens = integer_or<int64_t>(rec, "tokens", 0);
+    m.tokens = count_or(rec, "tokens", 0);
     m.tokens_per_s = number_or_nan(rec, "tokens_per_s");
     m.elapsed_s = number_or_nan(rec, "elapsed_s");
-    m.mem_bytes = integer_or<uint64_t>(rec, "mem_bytes", 0);
+    m.mem_bytes = uint64_t(count_or(rec, "mem_bytes", 0));
     h.train.push_back(m);
   });
   return h;

@@ -8,6 +8,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/json_parse.h"
 #include "data/tokenize_sample.h"
 #include "kernels/ops.h"
 #include "model/llama_generate.h"
@@ -26,11 +27,11 @@ SampleReplies load_sample_replies(const std::filesystem::path& run_dir) {
   std::ifstream in(run_dir / "samples.json");
   if (!in) return s;
   try {
-    const nlohmann::json j = nlohmann::json::parse(in);
+    const nlohmann::json j = parse_json(in, (run_dir / "samples.json").string());
     s.prompts = j.at("prompts").get<std::vector<std::string>>();
     s.before = j.at("before").get<std::vector<std::string>>();
     s.after = j.at("after").get<std::vector<std::string>>();
-  } catch (const nlohmann::json::exception&) {
+  } catch (const std::exception&) {  // json::exception, or Error for a too deep file
     return {};  // a damaged file costs the report its samples, not the run
   }
   return s;
