@@ -84,6 +84,7 @@ TEST(OpenAiRequest, RefusesBadInputNamingTheParameter) {
   const std::vector<Case> cases = {
       {R"({"model": "m", "messages": [)", "", "not valid JSON"},
       {R"({"model": "m", "max_tokens": 1e999, "messages": []})", "", "not valid JSON"},
+      {"{" + chat + R"(, "user": )" + std::string(100000, '[') + "}", "", "JSON nested deeper than 512 levels"},
       {R"([1, 2])", "", "must be a JSON object"},
       {R"({"messages": [{"role": "user", "content": "hi"}]})", "model", "'model' is required"},
       {R"({"model": 3, "messages": []})", "model", "'model' is required"},
