@@ -162,11 +162,11 @@ class Parser {
     a.elem = type("array element type");
     const uint64_t count = le(8, "array length");
     const uint64_t min = min_encoded_bytes(a.elem);
-    if (count > kGgufMaxArrayElements)
-      error("array of ", count, " values; a metadata array may have at most ", kGgufMaxArrayElements);
     if (count > remaining() / min)
       error("array of ", count, " ", gguf_type_name(a.elem), " values needs at least ", count, " x ", min,
             " bytes but only ", remaining(), " remain in the file");
+    if (count > kGgufMaxArrayElements)
+      error("array of ", count, " values; a metadata array may have at most ", kGgufMaxArrayElements);
     a.items.reserve(size_t(count));
     for (uint64_t i = 0; i < count; ++i) a.items.push_back(value(a.elem, depth));
     return a;
