@@ -14,6 +14,7 @@
 // their difference is only the GPU's arithmetic and output rounding.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <sstream>
@@ -22,6 +23,7 @@
 
 #include "core/dtype.h"
 #include "kernels/ops.h"
+#include "quant/blockwise.h"
 
 namespace qlora::op_cases {
 
@@ -63,10 +65,30 @@ inline std::vector<EmbeddingCase> embedding_cases() {
   return {{1, 1, 1}, {5, 7, 11}, {33, 65, 100}, {64, 4096, 3}};
 }
 
+// DoRA (ops::dora_*, cuda_ops::dora_*): W (OUT,IN) dense or NF4, A (R,IN),
+// B (OUT,R), scale s; N rows of products. OUT: one row, within one GPU panel
+// (256 rows) and past it with a partial last panel (300, 520; the CPU's panels
+// are 64); IN odd (65: 4-bit rows start mid-byte, blocks straddle rows) and
+// neither a multiple of 256 (the norm kernel's stride) nor of 64; R 1..16; N
+// from 1 to more than the dm kernel's 8 row slots, with a remainder (37, 300),
+// and OUT not a multiple of its 32 columns.
+struct DoraCase {
+  int64_t N, IN, OUT, R;
+  float scale;     // the LoRA scale s
+  bool quantized;  // NF4, block 64, fp32 scales; else dense (bf16-representable)
+};
+inline std::vector<DoraCase> dora_cases() {
+  return {{1, 64, 1, 1, 2.0f, false},      {3, 65, 65, 4, 0.5f, true},     {37, 128, 300, 8, 2.0f, true},
+          {300, 96, 520, 16, 0.25f, true}, {5, 33, 200, 2, 1.0f, false}};
+}
+
 template <typename Case>
 std::string describe(const char* op, const Case& c) {
   std::ostringstream os;
   os << op;
+  if constexpr (requires { c.quantized; })
+    os << " N " << c.N << " IN " << c.IN << " OUT " << c.OUT << " R " << c.R << " scale " << c.scale
+       << (c.quantized ? " nf4" : " dense");
   if constexpr (requires { c.eps; })
     os << " N " << c.N << " C " << c.C << " scale " << c.scale << " eps " << c.eps;
   if constexpr (requires { c.n; }) os << " n " << c.n << " scale " << c.scale;
@@ -135,6 +157,87 @@ inline SwigluRun swiglu_cpu(const SwigluCase& c) {
   ops::swiglu_forward(r.out.data(), r.g.data(), r.u.data(), c.n);
   ops::swiglu_backward(r.dg.data(), r.du.data(), r.dy.data(), r.g.data(), r.u.data(), c.n);
   return r;
+}
+
+// A DoRA case's inputs and the CPU ops' results. The products (out0, base,
+// lora, dout) are bf16-representable, as the GPU stores them; W is too (dense)
+// or is the NF4 dequantization (code * scale in fp32, which the GPU computes
+// bit for bit); A, B, m and dm0 are fp32 (the GPU reads them from its fp32
+// master and gradient arrays).
+struct DoraRun {
+  std::vector<float> w;        // (OUT,IN): W's fp32 values
+  std::vector<uint8_t> codes;  // NF4 only: the codes and their fp32 scales
+  std::vector<float> absmax;
+  std::vector<float> A, B, m;                      // (R,IN), (OUT,R), (OUT)
+  std::vector<float> out0, base, lora, dout, dm0;  // (N,OUT) x 4, (OUT): out and dm before the ops
+  std::vector<float> wnorm, out, dm, dbase, dlora;  // ops::dora_weight_norm, dora_forward, dora_backward
+  ops::LinearWeight weight(const DoraCase& c) const {
+    ops::LinearWeight lw;
+    lw.out = c.OUT;
+    lw.in = c.IN;
+    if (c.quantized) {
+      lw.codes = codes.data();
+      lw.absmax = absmax.data();
+      lw.block = kDoraBlock;
+    } else {
+      lw.dense = w.data();
+    }
+    return lw;
+  }
+  static constexpr int64_t kDoraBlock = 64;
+};
+inline DoraRun dora_cpu(const DoraCase& c) {
+  const auto seed = static_cast<unsigned>(c.N * 3 + c.IN * 7 + c.OUT * 11 + c.R);
+  const int64_t n = c.OUT * c.IN;
+  DoraRun r;
+  r.w = bf16_randn(n, seed, 0.05f);
+  if (c.quantized) {
+    r.codes.resize(static_cast<size_t>(quant4_code_bytes(n)));
+    r.absmax.resize(static_cast<size_t>(quant4_num_blocks(n, DoraRun::kDoraBlock)));
+    quantize4_ref(r.w.data(), n, DoraRun::kDoraBlock, Quant4Type::NF4, r.codes.data(), r.absmax.data());
+    dequantize4_ref(r.codes.data(), r.absmax.data(), n, DoraRun::kDoraBlock, Quant4Type::NF4, r.w.data());
+  }
+  // s B A of the size of W's rows, so both shape the norm.
+  r.A = bf16_randn(c.R * c.IN, seed + 1, 0.5f);
+  r.B = bf16_randn(c.OUT * c.R, seed + 2, 0.1f);
+  r.wnorm.resize(static_cast<size_t>(c.OUT));
+  std::vector<float> panel(static_cast<size_t>(ops::kDoraPanelRows * c.IN));
+  ops::dora_weight_norm(r.wnorm.data(), panel.data(), r.weight(c), r.A.data(), r.B.data(), c.scale, c.R);
+  // m away from the norms (g = m / wnorm from about 0.4 to 1.6), as after training.
+  r.m = bf16_randn(c.OUT, seed + 3, 0.2f, 1.0f);
+  for (size_t j = 0; j < r.m.size(); ++j) r.m[j] *= r.wnorm[j];
+  r.out0 = bf16_randn(c.N * c.OUT, seed + 4, 1.0f);
+  r.base = bf16_randn(c.N * c.OUT, seed + 5, 1.0f);
+  r.lora = bf16_randn(c.N * c.OUT, seed + 6, 0.5f);
+  r.dout = bf16_randn(c.N * c.OUT, seed + 7, 1.0f);
+  r.dm0 = bf16_randn(c.OUT, seed + 8, 0.5f);
+  r.out = r.out0;
+  ops::dora_forward(r.out.data(), r.base.data(), r.lora.data(), r.m.data(), r.wnorm.data(), c.N, c.OUT);
+  r.dm = r.dm0;
+  r.dbase.resize(r.out.size());
+  r.dlora.resize(r.out.size());
+  ops::dora_backward(r.dbase.data(), r.dlora.data(), r.dm.data(), r.dout.data(), r.base.data(), r.lora.data(),
+                     r.m.data(), r.wnorm.data(), c.N, c.OUT);
+  return r;
+}
+
+// The size of the terms of each row norm of W + s B A: ||T_j|| with
+// T_jc = |W_jc| + |s| sum_r |B_jr A_rc| (double). Rounding errors of the
+// row's fp32 values are relative to these terms, not to the (possibly
+// cancelling) values.
+inline std::vector<double> dora_norm_terms(const DoraCase& c, const DoraRun& r) {
+  std::vector<double> t(static_cast<size_t>(c.OUT));
+  for (int64_t j = 0; j < c.OUT; ++j) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < c.IN; ++i) {
+      double v = std::abs(double(r.w[static_cast<size_t>(j * c.IN + i)]));
+      for (int64_t k = 0; k < c.R; ++k)
+        v += std::abs(double(c.scale) * r.B[static_cast<size_t>(j * c.R + k)] * r.A[static_cast<size_t>(k * c.IN + i)]);
+      ss += v * v;
+    }
+    t[static_cast<size_t>(j)] = std::sqrt(ss);
+  }
+  return t;
 }
 
 }  // namespace qlora::op_cases

@@ -17,6 +17,7 @@
 // below is the finer one in practice.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -26,8 +27,10 @@
 #include "cuda_testing.h"
 #include "model/builtin.h"
 #include "model/llama.h"
+#include "model/llama_generate.h"
 #include "model/random_weights.h"
 #include "model/weights.h"
+#include "plan/cuda_constants.h"
 #include "plan/plan.h"
 #include "test_models.h"
 #include "testing.h"
@@ -142,6 +145,195 @@ TEST(CudaModel, Qwen3WithASlidingWindowTracksTheCpu) {
   gpu.download_grads(grads.data());
   const std::vector<float> want(lora.flat_grads(), lora.flat_grads() + lora.flat_size());
   EXPECT_LE(rel_l2(want, grads), chain_bound(cfg.num_hidden_layers));
+}
+
+// DoRA (kernels/cuda/dora_cuda.h in CudaLlamaModel) against the CPU model:
+// random A and B (rank_pattern: down_proj at 4), magnitudes at the CPU's
+// norms times 1 + 0.2 N(0,1) (so g != 1), with and without dropout and
+// checkpointing. The same chain bound as LoRA: DoRA adds per linear one
+// bf16 rounding of each product (base, lora) and of the scaled output, which
+// stay within the 11 per layer counted for the linears' outputs and inputs
+// (it replaces the LoRA branch's accumulation into the output); the norms are
+// fp32 (at most a few 1e-6 relative off, DoraWeightNorm below). The
+// magnitude gradients are checked alone too, so a wrong dm cannot hide
+// behind the much larger A and B gradients.
+LoraWeights dora_lora(const LlamaWeights& w, double dropout, unsigned seed) {
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.dora = true;
+  lc.dropout = dropout;
+  lc.seed = 7;
+  lc.rank_pattern = {{"down_proj", 4}};
+  LoraWeights lora = testing::random_lora(w.cfg, lc, seed, 0.05f);
+  init_dora_magnitudes(lora, w);
+  for (int64_t l = 0; l < w.cfg.num_hidden_layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      const int64_t out = lora_target_dims(w.cfg, LoraTarget(t)).second;
+      const auto r = testing::randn(out, seed++, 0.2f);
+      for (int64_t i = 0; i < out; ++i) lora.M(l, LoraTarget(t))[i] *= 1.0f + r[size_t(i)];
+    }
+  return lora;
+}
+
+// The magnitude entries of a flat LoRA array.
+std::vector<float> magnitudes_of(const ModelConfig& cfg, const LoraWeights& lora, const std::vector<float>& flat) {
+  std::vector<float> m;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      if (!lora.has(LoraTarget(t))) continue;
+      const size_t off = size_t(lora.M(l, LoraTarget(t)) - lora.flat_params());
+      const size_t out = size_t(lora_target_dims(cfg, LoraTarget(t)).second);
+      m.insert(m.end(), flat.begin() + long(off), flat.begin() + long(off + out));
+    }
+  return m;
+}
+
+TEST(CudaModel, DoraLossAndGradientsTrackTheCpu) {
+  QLORA_REQUIRE_GPU();
+  const LlamaWeights w = load_llama_weights(resolve_model_path("builtin:tiny"));
+  const ModelConfig& cfg = w.cfg;
+  const int64_t B = 2, T = 48;
+  const Batch batch = make_batch(B, T, cfg.vocab_size);
+  for (const double dropout : {0.0, 0.1})
+    for (const bool checkpointing : {false, true}) {
+      const std::string what = "dora, dropout " + std::to_string(dropout) + (checkpointing ? ", checkpointing" : "");
+      LoraWeights lora = dora_lora(w, dropout, 100);
+      LlamaRunOptions opt;
+      opt.checkpointing = checkpointing;
+      LlamaModel cpu(w, &lora, B, T, opt);
+      const double cpu_loss = cpu.forward(batch.view(B, T));
+      cpu.backward();
+
+      CudaContext ctx;
+      CudaLlamaModel gpu(ctx, w, &lora, B, T, opt);
+      const double gpu_loss = gpu.forward(batch.view(B, T));
+      gpu.backward();
+      EXPECT_LE(std::abs(gpu_loss - cpu_loss), chain_bound(cfg.num_hidden_layers) * cpu_loss) << what;
+
+      std::vector<float> grads(lora.flat_size());
+      gpu.download_grads(grads.data());
+      const std::vector<float> want(lora.flat_grads(), lora.flat_grads() + lora.flat_size());
+      for (float g : grads) ASSERT_TRUE(std::isfinite(g)) << what;
+      EXPECT_LE(rel_l2(want, grads), chain_bound(cfg.num_hidden_layers)) << what;
+      const std::vector<float> dm_want = magnitudes_of(cfg, lora, want), dm_got = magnitudes_of(cfg, lora, grads);
+      EXPECT_GT(rel_l2(std::vector<float>(dm_want.size(), 0.0f), dm_want), 0.0) << what << ": no dm to compare";
+      EXPECT_LE(rel_l2(dm_want, dm_got), chain_bound(cfg.num_hidden_layers)) << what << " (magnitudes)";
+    }
+}
+
+// CudaLlamaModel::init_dora_magnitudes (the GPU engine's initialisation) gives
+// the CPU's init_dora_magnitudes within the fp32 bound of the kernel test
+// (tests/test_cuda_ops.cpp, CudaOps.DoraWeightNorm...): 4 (R + 3) 2^-24 ||T_j||
+// with T_jc = |W_jc| + s sum_r |B_jr A_rc|; A and B stay bit for bit.
+TEST(CudaModel, DoraMagnitudesInitialiseAsTheCpu) {
+  QLORA_REQUIRE_GPU();
+  const LlamaWeights w = load_llama_weights(resolve_model_path("builtin:tiny"));
+  LoraWeights cpu = dora_lora(w, 0.0, 300);
+  CudaContext ctx;
+  CudaLlamaModel gpu(ctx, w, &cpu, 1, 16);
+  gpu.init_dora_magnitudes();
+  init_dora_magnitudes(cpu, w);
+  std::vector<float> got(cpu.flat_size());
+  gpu.download_lora(got.data());
+  const ModelConfig& cfg = w.cfg;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      const LoraTarget tg = LoraTarget(t);
+      const auto [in, out] = lora_target_dims(cfg, tg);
+      const int64_t R = cpu.rank(l, tg);
+      std::vector<float> W(size_t(in * out));
+      ops::linear_rows_fp32(W.data(), w.layers[size_t(l)].linear(tg), 0, out);
+      const float *A = cpu.A(l, tg), *Bm = cpu.B(l, tg), *M = cpu.M(l, tg);
+      const size_t off = size_t(M - cpu.flat_params());
+      for (int64_t j = 0; j < out; ++j) {
+        double ss = 0.0;
+        for (int64_t i = 0; i < in; ++i) {
+          double v = std::abs(double(W[size_t(j * in + i)]));
+          for (int64_t k = 0; k < R; ++k) v += std::abs(double(cpu.scale(l, tg)) * Bm[j * R + k] * A[k * in + i]);
+          ss += v * v;
+        }
+        ASSERT_NEAR(got[off + size_t(j)], M[j], 4 * double(R + 3) * std::ldexp(std::sqrt(ss), -24))
+            << lora_module_name(l, tg) << " row " << j;
+      }
+      EXPECT_EQ(std::memcmp(got.data() + (A - cpu.flat_params()), A, size_t(R * in) * sizeof(float)), 0);
+      EXPECT_EQ(std::memcmp(got.data() + (Bm - cpu.flat_params()), Bm, size_t(out * R) * sizeof(float)), 0);
+    }
+}
+
+// Generation (last_logits, what `qlora generate --device cuda` runs) with a
+// DoRA adapter against the CPU generator (which folds g into B): the chain
+// bound of the forward.
+TEST(CudaModel, DoraGenerationTracksTheCpu) {
+  QLORA_REQUIRE_GPU();
+  const LlamaWeights w = load_llama_weights(resolve_model_path("builtin:tiny"));
+  const LoraWeights lora = dora_lora(w, 0.1, 500);
+  const int64_t T = 20, V = w.cfg.vocab_size;
+  const Batch b = make_batch(1, T, V);
+  std::vector<float> want(static_cast<size_t>(V)), got(static_cast<size_t>(V));
+  LlamaGenerator cpu(w, &lora, T);
+  cpu.feed(b.tokens.data(), T, want.data());
+  CudaContext ctx;
+  CudaLlamaModel gpu(ctx, w, &lora, 1, T);
+  gpu.set_training(false);
+  gpu.last_logits(b.tokens.data(), T, got.data());
+  EXPECT_LE(rel_l2(want, got), chain_bound(w.cfg.num_hidden_layers));
+}
+
+// What DoRA adds to the GPU model's device bytes is what it adds to the plan's
+// LoRA and activation lines (PlanCuda.DoraAddsItsMagnitudesNormsProductsAndPanel),
+// exactly, up to the activation arena's 256-byte alignment of each new buffer
+// (counted here from the same shapes).
+TEST(CudaModel, DoraPlannedBytesAreTheAllocatedOnes) {
+  QLORA_REQUIRE_GPU();
+  const LlamaWeights w = load_llama_weights(resolve_model_path("builtin:tiny"));
+  const ModelConfig& cfg = w.cfg;
+  const int64_t B = 2, T = 48;
+  for (const bool checkpointing : {false, true}) {
+    SCOPED_TRACE(checkpointing ? "checkpointing" : "no checkpointing");
+    LoraConfig lc;
+    lc.rank = 8;
+    lc.targets.fill(false);
+    for (LoraTarget t : {LoraTarget::Q, LoraTarget::K, LoraTarget::Up}) lc.targets[size_t(t)] = true;
+    const LoraWeights plain = testing::random_lora(cfg, lc, 1, 0.05f);
+    lc.dora = true;
+    const LoraWeights dora = testing::random_lora(cfg, lc, 1, 0.05f);
+    LlamaRunOptions run;
+    run.checkpointing = checkpointing;
+    CudaContext ctx;
+    CudaLlamaModel without(ctx, w, &plain, B, T, run), with(ctx, w, &dora, B, T, run);
+
+    PlanInput in;
+    in.model = cfg;
+    in.backend = PlanBackend::cuda;
+    in.lora = lc;
+    in.lora.dora = false;
+    in.micro_batch = B;
+    in.seq_len = T;
+    in.checkpointing = checkpointing;
+    auto model_lines = [](const MemoryPlan& p) {
+      uint64_t n = 0;
+      for (const PlanBuffer& b : p.buffers)
+        if (b.place == Place::device && (b.category == "LoRA" || b.category == "activations")) n += b.bytes;
+      return n;
+    };
+    const uint64_t plan_without = model_lines(make_plan(in));
+    in.lora.dora = true;
+    const uint64_t plan_with = model_lines(make_plan(in));
+
+    auto pad = [](uint64_t bytes) { return (256 - bytes % 256) % 256; };
+    const uint64_t sets = checkpointing ? 1 : uint64_t(cfg.num_hidden_layers), N = uint64_t(B * T);
+    const uint64_t wide = uint64_t(std::max({cfg.hidden_size, cfg.intermediate_size, cfg.q_dim()}));
+    uint64_t padding = 2 * pad(N * wide * 2) + pad(uint64_t(plan_cuda::kDoraPanelRows) * wide * 4);
+    for (LoraTarget t : {LoraTarget::Q, LoraTarget::K, LoraTarget::Up}) {
+      const uint64_t out_bytes = uint64_t(lora_target_dims(cfg, t).second) * 4;
+      padding += sets * pad(out_bytes);
+      // The magnitude's 64-byte alignment in the flat LoRA arrays (fp32 master
+      // and gradient, bf16 copy: 10 bytes per float slot).
+      padding += uint64_t(cfg.num_hidden_layers) * ((64 - out_bytes % 64) % 64) / 4 * 10;
+    }
+    EXPECT_EQ(uint64_t(with.device_bytes() - without.device_bytes()), plan_with - plan_without + padding);
+    EXPECT_EQ(with.weight_bytes(), without.weight_bytes());
+  }
 }
 
 TEST(CudaModel, BadTokensAndTargetsAreNamed) {
@@ -341,6 +533,18 @@ TEST(CudaModel, FiftyStepRunTracksTheCpu) {
   QLORA_REQUIRE_GPU();
 }
 TEST(CudaModel, NestedScalesGiveTheLossOfFp32ScalesAndThePlannedBytes) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaModel, DoraLossAndGradientsTrackTheCpu) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaModel, DoraMagnitudesInitialiseAsTheCpu) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaModel, DoraGenerationTracksTheCpu) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaModel, DoraPlannedBytesAreTheAllocatedOnes) {
   QLORA_REQUIRE_GPU();
 }
 TEST(CudaModel, StreamedWeightsGiveTheModelOfTheLoadedOnes) {

@@ -24,6 +24,7 @@
 //     enough never to flake on a reordering, tight enough that a wrong index,
 //     a missing term or a double rounding through bf16 (another 2^-8) fails.
 // The embedding is a copy, so it must be bit for bit equal.
+// DoRA (CudaOps.Dora*) has its own, tighter thresholds, derived there.
 //
 // Without a CUDA build or a usable GPU the CudaOps tests skip.
 #include <gtest/gtest.h>
@@ -39,10 +40,13 @@
 #include "core/error.h"
 #include "kernels/ops.h"
 #include "op_cases.h"
+#include "plan/cuda_constants.h"
 #include "testing.h"
 
 #if QLORA_HAVE_CUDA
+#include "kernels/cuda/context.h"
 #include "kernels/cuda/device.h"
+#include "kernels/cuda/dora_cuda.h"
 #include "kernels/cuda/ops_cuda.h"
 #endif
 
@@ -416,6 +420,170 @@ TEST(CudaOps, RejectsInvalidArguments) {
   QLORA_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+// ---- DoRA (kernels/cuda/dora_cuda.h) -------------------------------------------------
+//
+// Thresholds, u = 2^-24:
+//  - wnorm: both sides build each row of W + s B A in fp32 from the same fp32
+//    W values (the GPU computes the 4-bit ones bit for bit) and differ only in
+//    the order of the R products (cuBLAS in pedantic fp32, no TF32) and of the
+//    double sum of squares: each is within (R + 3) u ||T_j|| of the exact norm
+//    (derivation in test_dora.cpp, DoraCases), so they differ by at most twice
+//    that; doubled again for slack: 4 (R + 3) u ||T_j||.
+//  - out, dbase, dlora: the GPU evaluates the CPU's fp32 expression in the
+//    CPU's order with correctly rounded operations and no FMA, on the same
+//    inputs (the CPU's wnorm is uploaded), then rounds once to bf16: its
+//    result must equal f32_to_bf16(cpu) bit for bit.
+//  - dm: the same double terms summed in another order (at most N 2^-50 of
+//    their sizes apart), the same division, fp32 rounding and fp32 add to
+//    dm0: 4 u (|dm0| + |cpu|) + N 2^-50 sum |terms| / wnorm. Run twice it
+//    must be identical (fixed order, no atomics).
+
+struct DoraDevice {
+  DeviceBuffer<uint16_t> dense;
+  DeviceBuffer<uint8_t> codes;
+  DeviceBuffer<float> absmax;
+  cuda_ops::CudaLinearWeight view;
+};
+DoraDevice upload_dora_weight(const DoraCase& c, const DoraRun& r) {
+  DoraDevice d;
+  d.view.out = c.OUT;
+  d.view.in = c.IN;
+  if (!c.quantized) {
+    d.dense = testing::upload(testing::to_bits(r.w));  // bf16-representable: exact
+    d.view.dense = d.dense.data();
+    return d;
+  }
+  d.codes = testing::upload(r.codes);
+  d.absmax = testing::upload(r.absmax);
+  d.view.codes = d.codes.data();
+  d.view.absmax = d.absmax.data();
+  d.view.block = DoraRun::kDoraBlock;
+  d.view.type = Quant4Type::NF4;
+  return d;
+}
+
+// bf16 bits the GPU must produce for each CPU fp32 value.
+std::vector<uint16_t> rounded(const std::vector<float>& cpu) { return testing::to_bits(cpu); }
+
+::testing::AssertionResult same_bits(const std::vector<uint16_t>& want, const std::vector<uint16_t>& got) {
+  if (want.size() != got.size()) return ::testing::AssertionFailure() << "sizes differ";
+  for (size_t i = 0; i < want.size(); ++i)
+    if (want[i] != got[i])
+      return ::testing::AssertionFailure() << "first difference at " << i << ": want bf16 " << bf16_to_f32(want[i])
+                                           << " (0x" << std::hex << want[i] << "), got " << bf16_to_f32(got[i])
+                                           << " (0x" << got[i] << std::dec << ")";
+  return ::testing::AssertionSuccess();
+}
+
+TEST(CudaOps, DoraWeightNormMatchesCpuWithinFp32Bounds) {
+  QLORA_REQUIRE_GPU();
+  CudaContext ctx;
+  const double u = std::ldexp(1.0, -24);
+  for (const DoraCase& c : dora_cases()) {
+    const std::string what = describe("dora_weight_norm", c);
+    const DoraRun r = dora_cpu(c);
+    const std::vector<double> terms = dora_norm_terms(c, r);
+    DoraDevice w = upload_dora_weight(c, r);
+    DeviceBuffer<float> A = testing::upload(r.A), B = testing::upload(r.B);
+    const int64_t rows = std::min<int64_t>(plan_cuda::kDoraPanelRows, c.OUT);
+    auto panel = testing::poisoned<float>(sz(rows * c.IN));  // exactly the documented size
+    auto wnorm = testing::poisoned<float>(sz(c.OUT) + 16);   // 16 sentinels
+    cuda_ops::dora_weight_norm(ctx, wnorm.data(), panel.data(), w.view, A.data(), B.data(), c.scale, c.R);
+    ctx.synchronize();
+    const std::vector<float> got = testing::download(wnorm);
+    for (int64_t j = 0; j < c.OUT; ++j)
+      ASSERT_NEAR(got[sz(j)], r.wnorm[sz(j)], 4 * double(c.R + 3) * u * terms[sz(j)]) << what << " row " << j;
+    for (size_t j = sz(c.OUT); j < got.size(); ++j) ASSERT_TRUE(std::isnan(got[j])) << what << ": wrote past OUT";
+  }
+}
+
+TEST(CudaOps, DoraForwardAndBackwardEqualCpuRoundedOnce) {
+  QLORA_REQUIRE_GPU();
+  const double u = std::ldexp(1.0, -24);
+  for (const DoraCase& c : dora_cases()) {
+    const std::string what = describe("dora", c);
+    const DoraRun r = dora_cpu(c);
+    const auto base_bits = testing::to_bits(r.base), lora_bits = testing::to_bits(r.lora);
+    DeviceBuffer<uint16_t> base = testing::upload(base_bits), lora = testing::upload(lora_bits);
+    DeviceBuffer<uint16_t> dout = testing::upload(testing::to_bits(r.dout));
+    DeviceBuffer<float> m = testing::upload(r.m), wnorm = testing::upload(r.wnorm);
+    const int64_t N = c.N, OUT = c.OUT;
+
+    // Forward, out of place, then in place over base (as CudaLlamaModel without dropout and bias).
+    DeviceBuffer<uint16_t> out = testing::upload(testing::to_bits(r.out0));
+    cuda_ops::dora_forward(out.data(), base.data(), lora.data(), m.data(), wnorm.data(), N, OUT, 0);
+    EXPECT_TRUE(same_bits(rounded(r.out), testing::download(out))) << what << " forward";
+    std::vector<float> in_place = r.out0;
+    ops::dora_forward(in_place.data(), r.out0.data(), r.lora.data(), r.m.data(), r.wnorm.data(), N, OUT);
+    DeviceBuffer<uint16_t> alias = testing::upload(testing::to_bits(r.out0));
+    cuda_ops::dora_forward(alias.data(), alias.data(), lora.data(), m.data(), wnorm.data(), N, OUT, 0);
+    EXPECT_TRUE(same_bits(rounded(in_place), testing::download(alias))) << what << " forward over base";
+
+    // Backward, out of place, twice into the same dm0: the same bits (no atomics).
+    std::vector<float> dm_runs[2];
+    for (std::vector<float>& dm_got : dm_runs) {
+      DeviceBuffer<float> dm = testing::upload(r.dm0);
+      auto dbase = testing::poisoned<uint16_t>(sz(N * OUT)), dlora = testing::poisoned<uint16_t>(sz(N * OUT));
+      cuda_ops::dora_backward(dbase.data(), dlora.data(), dm.data(), dout.data(), base.data(), lora.data(), m.data(),
+                              wnorm.data(), N, OUT, 0);
+      EXPECT_TRUE(same_bits(rounded(r.dbase), testing::download(dbase))) << what << " dbase";
+      EXPECT_TRUE(same_bits(rounded(r.dlora), testing::download(dlora))) << what << " dlora";
+      dm_got = testing::download(dm);
+    }
+    EXPECT_EQ(dm_runs[0], dm_runs[1]) << what << ": dm is not deterministic";
+    for (int64_t j = 0; j < OUT; ++j) {
+      double size = 0.0;
+      for (int64_t i = 0; i < N; ++i) {
+        const size_t k = sz(i * OUT + j);
+        size += std::abs(double(r.dout[k])) * (std::abs(double(r.base[k])) + std::abs(double(r.lora[k])));
+      }
+      const double tol = 4 * u * (std::abs(double(r.dm0[sz(j)])) + std::abs(double(r.dm[sz(j)]))) +
+                         double(N) * std::ldexp(size / r.wnorm[sz(j)], -50);
+      ASSERT_NEAR(dm_runs[0][sz(j)], r.dm[sz(j)], tol) << what << " dm " << j;
+    }
+
+    // In place (dbase over base, dlora over lora), as the model calls it; and
+    // without dbase (the model's no-dropout path): dlora alone, dm the same.
+    DeviceBuffer<float> dm = testing::upload(r.dm0);
+    cuda_ops::dora_backward(base.data(), lora.data(), dm.data(), dout.data(), base.data(), lora.data(), m.data(),
+                            wnorm.data(), N, OUT, 0);
+    EXPECT_TRUE(same_bits(rounded(r.dbase), testing::download(base))) << what << " dbase in place";
+    EXPECT_TRUE(same_bits(rounded(r.dlora), testing::download(lora))) << what << " dlora in place";
+    EXPECT_EQ(testing::download(dm), dm_runs[0]) << what << " dm in place";
+    base.upload(base_bits.data(), base_bits.size());
+    lora.upload(lora_bits.data(), lora_bits.size());
+    dm.upload(r.dm0.data(), r.dm0.size());
+    cuda_ops::dora_backward(nullptr, lora.data(), dm.data(), dout.data(), base.data(), lora.data(), m.data(),
+                            wnorm.data(), N, OUT, 0);
+    EXPECT_TRUE(same_bits(rounded(r.dlora), testing::download(lora))) << what << " dlora without dbase";
+    EXPECT_TRUE(same_bits(base_bits, testing::download(base))) << what << ": base written without dbase";
+    EXPECT_EQ(testing::download(dm), dm_runs[0]) << what << " dm without dbase";
+  }
+}
+
+// Host checks only: they throw before any device call, so they run in every
+// CUDA build, GPU or not.
+TEST(CudaDoraArgs, RejectInvalidArgumentsBeforeAnyDeviceCall) {
+  auto* p16 = reinterpret_cast<uint16_t*>(uintptr_t(256));  // never dereferenced: the checks throw first
+  auto* p32 = reinterpret_cast<float*>(uintptr_t(256));
+  auto names = [](auto&& f, const char* op, const char* what) {
+    const std::string e = testing::error_of(f);
+    EXPECT_NE(e.find(op), std::string::npos) << e;
+    EXPECT_NE(e.find(what), std::string::npos) << e;
+  };
+  names([&] { cuda_ops::dora_forward(p16, p16, p16, p32, p32, 2, 0, 0); }, "cuda_ops::dora_forward", "OUT = 0");
+  names([&] { cuda_ops::dora_forward(p16, p16, nullptr, p32, p32, 2, 8, 0); }, "cuda_ops::dora_forward", "lora");
+  names([&] { cuda_ops::dora_forward(p16, p16, p16, p32, p32, -1, 8, 0); }, "cuda_ops::dora_forward", "N = -1");
+  names([&] { cuda_ops::dora_backward(p16, p16, nullptr, p16, p16, p16, p32, p32, 2, 8, 0); },
+        "cuda_ops::dora_backward", "dm");
+  names([&] { cuda_ops::dora_backward(nullptr, nullptr, p32, p16, p16, p16, p32, p32, 2, 8, 0); },
+        "cuda_ops::dora_backward", "dlora");
+  // Nothing to do is not an error (and queues nothing), null pointers included.
+  EXPECT_NO_THROW(cuda_ops::dora_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 8, 0));
+  EXPECT_NO_THROW(cuda_ops::dora_backward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0,
+                                          8, 0));
+}
+
 #else  // !QLORA_HAVE_CUDA: the same test names, skipping, so a CPU-only build reports them.
 
 TEST(CudaOps, RmsnormForwardMatchesCpuWithinBf16) {
@@ -437,6 +605,12 @@ TEST(CudaOps, RejectsInvalidArguments) {
   QLORA_REQUIRE_GPU();
 }
 TEST(CudaOps, ResidualAndPrecisionChangesMatchCpu) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaOps, DoraWeightNormMatchesCpuWithinFp32Bounds) {
+  QLORA_REQUIRE_GPU();
+}
+TEST(CudaOps, DoraForwardAndBackwardEqualCpuRoundedOnce) {
   QLORA_REQUIRE_GPU();
 }
 

@@ -2,6 +2,8 @@
 // file), its adapter files as PEFT writes them, and the refusals where a
 // format cannot hold it. Model-level gradients against finite differences
 // are in test_model.cpp (ModelGrad.DoraGradientsMatchFiniteDifferences).
+// DoraCases: the CPU ops on the shared cases of tests/op_cases.h (the ones the
+// GPU parity tests CudaOps.Dora* use) against double precision.
 // If the golden file's format changes, re-run:
 //   /work/main/build/interop-venv/bin/python tests/reference/make_dora_golden.py
 #include <gtest/gtest.h>
@@ -16,6 +18,7 @@
 #include "kernels/ops.h"
 #include "model/builtin.h"
 #include "model/lora.h"
+#include "op_cases.h"
 #include "test_models.h"
 #include "testing.h"
 #include "tools/export_gguf.h"
@@ -115,6 +118,57 @@ TEST(DoraOps, BackwardInPlaceEqualsOutOfPlace) {
       want += double(dout[size_t(i * OUT + j)]) * (double(base0[size_t(i * OUT + j)]) + lora0[size_t(i * OUT + j)]) /
               wn[size_t(j)];
     EXPECT_NEAR(dm1[size_t(j)], want, 1e-5 * (1 + std::abs(want)));
+  }
+}
+
+// The shared cases against double precision, u = 2^-24 (fp32's unit roundoff):
+//  - wnorm: each fp32 value W_jc + s (B A)_jc is R products summed, scaled and
+//    added to W_jc: at most (R + 2) u T_jc off (Higham's gamma; T_jc = |W_jc| +
+//    |s| sum_r |B_jr A_rc|), so the norm moves by at most (R + 2) u ||T_j||
+//    (|‖x‖ - ‖y‖| <= ‖x - y‖); the double sum adds nothing visible and the
+//    final rounding u wnorm <= u ||T_j||: (R + 3) u ||T_j||, doubled.
+//  - out, dbase, dlora: g = m / wnorm and a few fp32 operations on it, each one
+//    rounding relative to the terms: 8 u (|out0| + (|g - 1| + g) |base| + g |lora|)
+//    and 4 u |dout| (|g - 1| + g).
+//  - dm: the double column sum (N 2^-53 of its terms, bounded by N 2^-50) is
+//    divided and rounded once to fp32, then added to dm0 in fp32: 2 u (|dm0| +
+//    |sum|) + N 2^-50 sum |terms| / wnorm.
+TEST(DoraCases, CpuOpsMatchDouble) {
+  using namespace op_cases;
+  const double u = std::ldexp(1.0, -24);
+  for (const DoraCase& c : dora_cases()) {
+    const std::string what = describe("dora", c);
+    const DoraRun r = dora_cpu(c);
+    const std::vector<double> terms = dora_norm_terms(c, r);
+    for (int64_t j = 0; j < c.OUT; ++j) {
+      double ss = 0.0;
+      for (int64_t i = 0; i < c.IN; ++i) {
+        double v = r.w[size_t(j * c.IN + i)];
+        for (int64_t k = 0; k < c.R; ++k)
+          v += double(c.scale) * r.B[size_t(j * c.R + k)] * r.A[size_t(k * c.IN + i)];
+        ss += v * v;
+      }
+      ASSERT_NEAR(r.wnorm[size_t(j)], std::sqrt(ss), 2 * double(c.R + 3) * u * terms[size_t(j)]) << what << " row " << j;
+    }
+    for (int64_t j = 0; j < c.OUT; ++j) {
+      const double wn = r.wnorm[size_t(j)], g = double(r.m[size_t(j)]) / wn;
+      double sum = 0.0, size = 0.0;
+      for (int64_t i = 0; i < c.N; ++i) {
+        const size_t k = size_t(i * c.OUT + j);
+        const double b = r.base[k], l = r.lora[k], d = r.dout[k];
+        const double out = r.out0[k] + (g - 1.0) * b + g * l;
+        const double out_terms = std::abs(r.out0[k]) + (std::abs(g - 1.0) + g) * std::abs(b) + g * std::abs(l);
+        ASSERT_NEAR(r.out[k], out, 8 * u * out_terms) << what << " out " << k;
+        ASSERT_NEAR(r.dbase[k], d * (g - 1.0), 4 * u * std::abs(d) * (std::abs(g - 1.0) + g)) << what << " " << k;
+        ASSERT_NEAR(r.dlora[k], d * g, 4 * u * std::abs(d) * (std::abs(g - 1.0) + g)) << what << " " << k;
+        sum += d * (b + l);
+        size += std::abs(d) * (std::abs(b) + std::abs(l));
+      }
+      const double dm = r.dm0[size_t(j)] + sum / wn;
+      ASSERT_NEAR(r.dm[size_t(j)], dm,
+                  2 * u * (std::abs(r.dm0[size_t(j)]) + std::abs(sum / wn)) + double(c.N) * std::ldexp(size / wn, -50))
+          << what << " dm " << j;
+    }
   }
 }
 

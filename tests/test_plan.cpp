@@ -476,7 +476,7 @@ TEST(PlanValidation, ImpossibleSettingsNameTheKey) {
   EXPECT_NE(e.find("train.micro_batch"), std::string::npos) << e;
   in.micro_batch = 1;
   // Patterns are checked against the model: a key matching no module, a rank
-  // too large for the module it names; DoRA has no CUDA path yet.
+  // too large for the module it names.
   in.lora.rank_pattern = {{"down_prj", 8}};
   e = error_of([&] { make_plan(in); });
   EXPECT_NE(e.find("lora.rank_pattern key 'down_prj' matches no module of this model"), std::string::npos) << e;
@@ -490,9 +490,35 @@ TEST(PlanValidation, ImpossibleSettingsNameTheKey) {
   const uint64_t rank16 = make_plan(cuda_input("llama-2-7b", 16, 1, 4096, OptimizerKind::adamw, "rtx4090")).lora_params;
   EXPECT_EQ(make_plan(in).lora_params, rank16 - uint64_t(32) * 12 * (11008 + 4096));  // down_proj at 4, not 16
   in.lora.rank_pattern = {};
-  in.lora.dora = true;
-  e = error_of([&] { make_plan(in); });
-  EXPECT_NE(e.find("lora.dora: DoRA has no CUDA implementation yet"), std::string::npos) << e;
+}
+
+// DoRA on CUDA (kernels/cuda/dora_cuda.h, CudaLlamaModel): what it adds to the
+// plan is exactly what the GPU model allocates for it (the model's side of
+// this is CudaModel.DoraPlannedBytesAreTheAllocatedOnes): a magnitude (OUT)
+// per adapted linear in every LoRA array, each linear's row norms (fp32) in
+// every saved layer set, and the two product buffers and the norm panel.
+TEST(PlanCuda, DoraAddsItsMagnitudesNormsProductsAndPanel) {
+  for (const bool checkpointing : {true, false}) {
+    SCOPED_TRACE(checkpointing ? "checkpointing" : "no checkpointing");
+    PlanInput in = cuda_input("llama-2-7b", 16, 2, 512, OptimizerKind::adamw, "a100-80");
+    in.checkpointing = checkpointing;
+    in.lora.targets.fill(false);
+    in.lora.targets[size_t(LoraTarget::Q)] = in.lora.targets[size_t(LoraTarget::Down)] = true;
+    const MemoryPlan lora = make_plan(in);
+    in.lora.dora = true;
+    const MemoryPlan dora = make_plan(in);
+    const uint64_t L = 32, C = 4096, I = 11008, N = 2 * 512, outs = C + C;  // q_proj and down_proj: out = C each
+    EXPECT_EQ(dora.lora_params - lora.lora_params, L * outs);
+    const uint64_t P = L * outs;
+    EXPECT_EQ(bytes_of(dora, "LoRA A, B") - bytes_of(lora, "LoRA A, B"), P * 2);
+    EXPECT_EQ(bytes_of(dora, "LoRA gradients") - bytes_of(lora, "LoRA gradients"), P * 4);
+    EXPECT_EQ(bytes_of(dora, "fp32 master copies") - bytes_of(lora, "fp32 master copies"), P * 4);
+    EXPECT_EQ(bytes_of(dora, "adamw state") - bytes_of(lora, "adamw state"), P * 8);
+    const char* set = checkpointing ? "recompute working set (one layer)" : "saved activations (all layers)";
+    EXPECT_EQ(bytes_of(dora, set) - bytes_of(lora, set), (checkpointing ? 1 : L) * outs * 4);
+    EXPECT_EQ(bytes_of(dora, "DoRA products + norm panel"),
+              2 * N * I * 2 + uint64_t(plan_cuda::kDoraPanelRows) * I * 4);  // wide = I
+  }
 }
 
 // The advice is tight: its micro-batch and seq_len fit and one more does not;

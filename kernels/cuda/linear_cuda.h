@@ -84,6 +84,12 @@ void linear_forward(CudaContext& ctx, uint16_t* out, const uint16_t* inp, const 
 void linear_backward(CudaContext& ctx, uint16_t* dinp, const uint16_t* dout, const CudaLinearWeight& w,
                      int64_t N, bool accumulate = false, LinearAlgo algo = LinearAlgo::Auto);
 
+// Rows [r0, r1) of W as fp32 into dst ((r1-r0),IN), queued on ctx.stream():
+// a 4-bit value is code * scale in fp32, not rounded to bf16 (bit for bit the
+// CPU's ops::linear_rows_fp32); a dense weight's bf16 values widened exactly.
+// For DoRA's weight norm (kernels/cuda/dora_cuda.h).
+void linear_rows_f32(CudaContext& ctx, float* dst, const CudaLinearWeight& w, int64_t r0, int64_t r1);
+
 // ---- device-free parts of the API (what the above decide, testable without a GPU) ----
 
 enum class LinearPass : uint8_t { Forward, Backward };

@@ -54,6 +54,23 @@ __global__ void __launch_bounds__(kThreads) dequant_panel_kernel(const DequantPa
   }
 }
 
+// Rows of W in fp32 (linear_rows_f32): one value per thread, grid-stride.
+// dense non-null: its bf16 widened; else code * scale with __fmul_rn (one
+// rounding, no FMA), the CPU's fp32 value.
+__global__ void __launch_bounds__(kThreads)
+    rows_f32_kernel(const Quant4WeightParams w, const uint16_t* dense, int64_t r0, int64_t r1, float* dst) {
+  __shared__ float code_value[16];
+  if (threadIdx.x < 16) code_value[threadIdx.x] = quant4_code_value(w.type, uint8_t(threadIdx.x));
+  __syncthreads();
+  const int64_t begin = r0 * w.in, total = (r1 - r0) * w.in;
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < total; e += int64_t(gridDim.x) * kThreads) {
+    const int64_t flat = begin + e;
+    dst[e] = dense != nullptr ? bf16_to_f32(dense[flat])
+                              : __fmul_rn(code_value[quant4_unpack(w.codes, flat)],
+                                          quant4_block_scale(w, flat >> w.block_log2));
+  }
+}
+
 // out (N,OUT) = bias broadcast over the rows: the GEMM then adds its product
 // with beta = 1, in fp32, rounding once.
 __global__ void __launch_bounds__(kThreads)
@@ -377,6 +394,24 @@ void linear_check_args(LinearPass pass, const void* dst, const void* src, const 
 }
 
 // ---- the public API ----------------------------------------------------------------------
+
+void linear_rows_f32(CudaContext& ctx, float* dst, const CudaLinearWeight& w, int64_t r0, int64_t r1) {
+  const char* fn = "cuda_ops::linear_rows_f32";
+  linear_check_args(LinearPass::Forward, dst, dst, w, 0);  // the weight's shape and format (no rows)
+  if (r0 < 0 || r1 < r0 || r1 > w.out) fail(fn, ": rows [", r0, ", ", r1, ") are outside [0, ", w.out, "]");
+  const int64_t n = (r1 - r0) * w.in;
+  if (n == 0) return;
+  check_pointer(fn, dst, "dst", n);
+  if (w.quantized()) {
+    check_pointer(fn, w.codes, "w.codes", n);
+    check_pointer(fn, w.double_quant() ? static_cast<const void*>(w.nested_absmax) : w.absmax,
+                  w.double_quant() ? "w.nested_absmax" : "w.absmax", n);
+  } else {
+    check_pointer(fn, w.dense, "w.dense", n);
+  }
+  rows_f32_kernel<<<grid_for(n, kThreads), kThreads, 0, ctx.stream()>>>(weight_params(w), w.dense, r0, r1, dst);
+  check_launch("rows_f32_kernel");
+}
 
 bool linear_algo_supports(const CudaContext& ctx, LinearAlgo a, const CudaLinearWeight& w, int64_t N) {
   return linear_algo_supports(ctx.arch(), a, w, N, LinearPass::Forward);

@@ -10,9 +10,11 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "kernels/cuda/attention_cuda.h"
+#include "kernels/cuda/dora_cuda.h"
 #include "kernels/cuda/lora_cuda.h"
 #include "kernels/cuda/loss_cuda.h"
 #include "kernels/cuda/ops_cuda.h"
+#include "plan/cuda_constants.h"
 #include "quant/blockwise.h"
 
 namespace qlora {
@@ -113,10 +115,12 @@ struct Acts {
   uint16_t *qraw, *kraw;
   float *rstdq, *rstdk;
   uint16_t* h[kNumLoraTargets];
+  float* wnorm[kNumLoraTargets];  // DoRA: the row norms of W + s B A (OUT) per target, else null
 };
 
 struct Adapter {
   int64_t off_a = -1, off_b = -1;  // into the flat arrays; -1: target off
+  int64_t off_m = -1;              // the DoRA magnitude (OUT); -1 without DoRA
   int64_t rank = 0;                // this module's R (rank_pattern applied)
   float scale = 0.0f;              // its alpha/R (alpha_pattern, rsLoRA applied)
 };
@@ -150,6 +154,10 @@ struct CudaLlamaModel::Impl {
   int32_t *tokens, *targets, *pos, *doc_start, *win_start, *bad;
   float* dres;
   uint16_t *dres_bf, *dtmp, *dln, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dh, *dxd;
+  // DoRA only (else null): the base and LoRA products (N, <= wide) bf16 and
+  // the fp32 panel of W + s B A the norms are built in.
+  uint16_t *dora_base = nullptr, *dora_lora = nullptr;
+  float* dora_panel = nullptr;
 
   std::vector<int32_t> h_pos, h_doc, h_win;
   std::vector<float> h_losses;
@@ -189,7 +197,11 @@ struct CudaLlamaModel::Impl {
       s.gate = bf(Nn * I);
       s.up = bf(Nn * I);
       s.act = bf(Nn * I);
-      for (int t = 0; t < kNumLoraTargets; ++t) s.h[t] = has_lora && lc.targets[size_t(t)] ? bf(Nn * Rt[t]) : nullptr;
+      for (int t = 0; t < kNumLoraTargets; ++t) {
+        const bool on = has_lora && lc.targets[size_t(t)];
+        s.h[t] = on ? bf(Nn * Rt[t]) : nullptr;
+        s.wnorm[t] = on && lc.dora ? f(lora_target_dims(cfg, LoraTarget(t)).second) : nullptr;
+      }
     }
     resid.assign(size_t(L + 1), nullptr);
     for (auto& r : resid) r = bf(Nn * C);
@@ -221,6 +233,11 @@ struct CudaLlamaModel::Impl {
     dact = bf(Nn * I);
     dh = bf(Nn * std::max<int64_t>(R, 1));
     dxd = bf(Nn * wide);
+    if (has_lora && lc.dora) {
+      dora_base = bf(Nn * wide);
+      dora_lora = bf(Nn * wide);
+      dora_panel = f(plan_cuda::kDoraPanelRows * wide);
+    }
   }
 
   const CudaLinearWeight& lin(int64_t l, LoraTarget t) const { return layers[size_t(l)].lin[int(t)]; }
@@ -228,29 +245,59 @@ struct CudaLlamaModel::Impl {
   // The attention mask of layer l: its first visible key per query (model/llama.h window_starts).
   const int32_t* starts_of(int64_t l) const { return cfg.attention_window(l) > 0 ? win_start : doc_start; }
 
-  // out (N,OUT) = inp W^T + bias + LoRA(inp)
-  void project(uint16_t* out, const uint16_t* inp, int64_t l, LoraTarget t, uint16_t* h, bool training,
+  // out (N,OUT) = inp W^T + bias + LoRA(inp) (or DoRA's (g-1) base + g lora),
+  // as LlamaModel::project.
+  void project(uint16_t* out, const uint16_t* inp, int64_t l, LoraTarget t, Acts& s, bool training,
                uint64_t step) {
     const CudaLinearWeight& w = lin(l, t);
-    cuda_ops::linear_forward(ctx, out, inp, w, layers[size_t(l)].bias[int(t)], N);
+    const uint16_t* bias = layers[size_t(l)].bias[int(t)];
+    cuda_ops::linear_forward(ctx, out, inp, w, bias, N);
     if (!adapted(l, t)) return;
     const Adapter& ad = adapters[size_t(l)][size_t(t)];
+    const bool drop = lc.dropout > 0.0 && training;
     const uint16_t* x = inp;
-    if (lc.dropout > 0.0 && training) {
+    if (drop) {
       cuda_ops::dropout_forward(xd, inp, N * w.in, float(lc.dropout), lora_dropout_seed(lc.seed, step, l, t),
                                 ctx.stream());
       x = xd;
     }
-    cuda_ops::lora_forward(ctx, out, h, x, params_bf16.data() + ad.off_a, params_bf16.data() + ad.off_b, ad.scale,
-                           N, w.in, w.out, ad.rank);
+    const uint16_t *A = params_bf16.data() + ad.off_a, *Bm = params_bf16.data() + ad.off_b;
+    if (!lc.dora) {
+      cuda_ops::lora_forward(ctx, out, s.h[int(t)], x, A, Bm, ad.scale, N, w.in, w.out, ad.rank);
+      return;
+    }
+    // DoRA: the norms from the fp32 masters (detached: no gradient flows
+    // through them), computed on every forward as the CPU model does.
+    float* wnorm = s.wnorm[int(t)];
+    cuda_ops::dora_weight_norm(ctx, wnorm, dora_panel, w, master.data() + ad.off_a, master.data() + ad.off_b,
+                               ad.scale, ad.rank);
+    QLORA_CUDA_CHECK(cudaMemsetAsync(dora_lora, 0, size_t(N * w.out) * sizeof(uint16_t), ctx.stream()));
+    cuda_ops::lora_forward(ctx, dora_lora, s.h[int(t)], x, A, Bm, ad.scale, N, w.in, w.out, ad.rank);
+    const uint16_t* base = dora_base_product(out, x, w, bias, drop);
+    cuda_ops::dora_forward(out, base, dora_lora, master.data() + ad.off_m, wnorm, N, w.out, ctx.stream());
+  }
+
+  // PEFT's base_result (LlamaModel::dora_base_product): without dropout and
+  // bias the linear's own result (dora_forward may read it in place), else
+  // x W^T on the input the LoRA branch saw, into dora_base.
+  const uint16_t* dora_base_product(const uint16_t* result, const uint16_t* x, const CudaLinearWeight& w,
+                                    const uint16_t* bias, bool drop) {
+    if (!drop && bias == nullptr) return result;
+    cuda_ops::linear_forward(ctx, dora_base, x, w, nullptr, N);
+    return dora_base;
   }
 
   // dinp (N,IN) = (or +=) dout W + the LoRA branch's input gradient.
   void project_backward(uint16_t* dinp, bool accumulate, const uint16_t* dout, const uint16_t* inp, int64_t l,
-                        LoraTarget t, const uint16_t* h, bool training, uint64_t step) {
+                        LoraTarget t, const Acts& s, bool training, uint64_t step) {
     const CudaLinearWeight& w = lin(l, t);
+    if (adapted(l, t) && lc.dora) {
+      dora_project_backward(dinp, accumulate, dout, inp, l, t, s, training, step);
+      return;
+    }
     cuda_ops::linear_backward(ctx, dinp, dout, w, N, accumulate);
     if (!adapted(l, t)) return;
+    const uint16_t* h = s.h[int(t)];
     const Adapter& ad = adapters[size_t(l)][size_t(t)];
     const uint16_t *A = params_bf16.data() + ad.off_a, *Bm = params_bf16.data() + ad.off_b;
     float *dA = grads.data() + ad.off_a, *dB = grads.data() + ad.off_b;
@@ -267,6 +314,47 @@ struct CudaLlamaModel::Impl {
     }
   }
 
+  // DoRA (LlamaModel::dora_backward): out = result + (g-1) base + g lora with
+  // result = x W^T + bias on the undropped input, base and lora on xd, and the
+  // forward's wnorm (so g) constant.
+  void dora_project_backward(uint16_t* dinp, bool accumulate, const uint16_t* dout, const uint16_t* inp, int64_t l,
+                             LoraTarget t, const Acts& s, bool training, uint64_t step) {
+    const CudaLinearWeight& w = lin(l, t);
+    const Adapter& ad = adapters[size_t(l)][size_t(t)];
+    const uint16_t *A = params_bf16.data() + ad.off_a, *Bm = params_bf16.data() + ad.off_b;
+    float *dA = grads.data() + ad.off_a, *dB = grads.data() + ad.off_b, *dm = grads.data() + ad.off_m;
+    const float* m = master.data() + ad.off_m;
+    const bool drop = lc.dropout > 0.0 && training;
+    const uint64_t seed = lora_dropout_seed(lc.seed, step, l, t);
+    cudaStream_t st = ctx.stream();
+    const uint16_t* x = inp;
+    if (drop) {
+      cuda_ops::dropout_forward(xd, inp, N * w.in, float(lc.dropout), seed, st);
+      x = xd;
+    }
+    // The two products again (dh as the hidden's scratch; s.h is the saved one).
+    QLORA_CUDA_CHECK(cudaMemsetAsync(dora_lora, 0, size_t(N * w.out) * sizeof(uint16_t), st));
+    cuda_ops::lora_forward(ctx, dora_lora, dh, x, A, Bm, ad.scale, N, w.in, w.out, ad.rank);
+    // base = x W^T (no bias: the CPU's result - bias), on xd with dropout.
+    cuda_ops::linear_forward(ctx, dora_base, x, w, nullptr, N);
+    // In place: dbase over base (needed only with dropout), dlora over lora.
+    cuda_ops::dora_backward(drop ? dora_base : nullptr, dora_lora, dm, dout, dora_base, dora_lora, m,
+                            s.wnorm[int(t)], N, w.out, st);
+    if (drop) {
+      // dinp = dout W (result path) + dropout'(dbase W + the LoRA branch's dxd)
+      cuda_ops::linear_backward(ctx, dinp, dout, w, N, accumulate);
+      cuda_ops::linear_backward(ctx, dxd, dora_base, w, N, false);  // assigns dxd; the LoRA branch adds to it
+      cuda_ops::lora_backward(ctx, dxd, dA, dB, dh, dora_lora, s.h[int(t)], xd, A, Bm, ad.scale, N, w.in, w.out,
+                              ad.rank);
+      cuda_ops::dropout_backward_accumulate(dinp, dxd, N * w.in, float(lc.dropout), seed, st);
+    } else {
+      // dout + dbase = dout * g = dlora: one input-gradient product for both base terms.
+      cuda_ops::linear_backward(ctx, dinp, dora_lora, w, N, accumulate);
+      cuda_ops::lora_backward(ctx, dinp, dA, dB, dh, dora_lora, s.h[int(t)], inp, A, Bm, ad.scale, N, w.in,
+                              w.out, ad.rank);
+    }
+  }
+
   void layer_forward(int64_t l, const uint16_t* x, uint16_t* y, Acts& s, bool training, uint64_t step) {
     const Layer& W = layers[size_t(l)];
     const int64_t C = cfg.hidden_size, I = cfg.intermediate_size, H = cfg.num_attention_heads,
@@ -275,9 +363,9 @@ struct CudaLlamaModel::Impl {
     cudaStream_t st = ctx.stream();
     cuda_ops::rmsnorm_forward(s.ln1, s.rstd1, x, W.attn_norm, N, C, eps, st);
     // qwen3: q/k projected into qraw/kraw, then RMS-normed per head (rows of D).
-    project(cfg.qk_norm ? s.qraw : s.q, s.ln1, l, LoraTarget::Q, s.h[int(LoraTarget::Q)], training, step);
-    project(cfg.qk_norm ? s.kraw : s.k, s.ln1, l, LoraTarget::K, s.h[int(LoraTarget::K)], training, step);
-    project(s.v, s.ln1, l, LoraTarget::V, s.h[int(LoraTarget::V)], training, step);
+    project(cfg.qk_norm ? s.qraw : s.q, s.ln1, l, LoraTarget::Q, s, training, step);
+    project(cfg.qk_norm ? s.kraw : s.k, s.ln1, l, LoraTarget::K, s, training, step);
+    project(s.v, s.ln1, l, LoraTarget::V, s, training, step);
     if (cfg.qk_norm) {
       cuda_ops::rmsnorm_forward(s.q, s.rstdq, s.qraw, W.q_norm, N * H, D, eps, st);
       cuda_ops::rmsnorm_forward(s.k, s.rstdk, s.kraw, W.k_norm, N * KVH, D, eps, st);
@@ -285,13 +373,13 @@ struct CudaLlamaModel::Impl {
     cuda_ops::rope_forward(s.q, pos, cos_t, sin_t, N, H, D, st);
     cuda_ops::rope_forward(s.k, pos, cos_t, sin_t, N, KVH, D, st);
     cuda_ops::attention_forward(ctx, s.att, s.lse, s.q, s.k, s.v, starts_of(l), B, T, H, KVH, D);
-    project(tmp, s.att, l, LoraTarget::O, s.h[int(LoraTarget::O)], training, step);
+    project(tmp, s.att, l, LoraTarget::O, s, training, step);
     cuda_ops::residual_forward(s.xmid, x, tmp, N * C, st);
     cuda_ops::rmsnorm_forward(s.ln2, s.rstd2, s.xmid, W.mlp_norm, N, C, eps, st);
-    project(s.gate, s.ln2, l, LoraTarget::Gate, s.h[int(LoraTarget::Gate)], training, step);
-    project(s.up, s.ln2, l, LoraTarget::Up, s.h[int(LoraTarget::Up)], training, step);
+    project(s.gate, s.ln2, l, LoraTarget::Gate, s, training, step);
+    project(s.up, s.ln2, l, LoraTarget::Up, s, training, step);
     cuda_ops::swiglu_forward(s.act, s.gate, s.up, N * I, st);
-    project(tmp, s.act, l, LoraTarget::Down, s.h[int(LoraTarget::Down)], training, step);
+    project(tmp, s.act, l, LoraTarget::Down, s, training, step);
     cuda_ops::residual_forward(y, s.xmid, tmp, N * C, st);
   }
 
@@ -301,16 +389,15 @@ struct CudaLlamaModel::Impl {
     const int64_t C = cfg.hidden_size, I = cfg.intermediate_size, H = cfg.num_attention_heads,
                   KVH = cfg.num_key_value_heads, D = cfg.head_dim;
     cudaStream_t st = ctx.stream();
-    auto h = [&](LoraTarget t) { return s.h[int(t)]; };
     cuda_ops::round_to_bf16(dres_bf, dres, N * C, st);
-    project_backward(dact, false, dres_bf, s.act, l, LoraTarget::Down, h(LoraTarget::Down), training, step);
+    project_backward(dact, false, dres_bf, s.act, l, LoraTarget::Down, s, training, step);
     cuda_ops::swiglu_backward(dgate, dup, dact, s.gate, s.up, N * I, st);
-    project_backward(dln, false, dgate, s.ln2, l, LoraTarget::Gate, h(LoraTarget::Gate), training, step);
-    project_backward(dln, true, dup, s.ln2, l, LoraTarget::Up, h(LoraTarget::Up), training, step);
+    project_backward(dln, false, dgate, s.ln2, l, LoraTarget::Gate, s, training, step);
+    project_backward(dln, true, dup, s.ln2, l, LoraTarget::Up, s, training, step);
     cuda_ops::rmsnorm_backward(dtmp, dln, s.xmid, W.mlp_norm, s.rstd2, N, C, st);
     cuda_ops::add_bf16_to_f32(dres, dtmp, N * C, st);  // dres = dL/dxmid
     cuda_ops::round_to_bf16(dres_bf, dres, N * C, st);
-    project_backward(datt, false, dres_bf, s.att, l, LoraTarget::O, h(LoraTarget::O), training, step);
+    project_backward(datt, false, dres_bf, s.att, l, LoraTarget::O, s, training, step);
     cuda_ops::attention_backward(ctx, dq, dk, dv, datt, s.att, s.lse, s.q, s.k, s.v, starts_of(l), B, T, H, KVH,
                                  D);
     cuda_ops::rope_backward(dq, pos, cos_t, sin_t, N, H, D, st);
@@ -322,14 +409,14 @@ struct CudaLlamaModel::Impl {
       cuda_ops::rmsnorm_backward(datt, dq, s.qraw, W.q_norm, s.rstdq, N * H, D, st);
       dqraw = datt;
     }
-    project_backward(dln, false, dqraw, s.ln1, l, LoraTarget::Q, h(LoraTarget::Q), training, step);
+    project_backward(dln, false, dqraw, s.ln1, l, LoraTarget::Q, s, training, step);
     const uint16_t* dkraw = dk;
     if (cfg.qk_norm) {
       cuda_ops::rmsnorm_backward(dq, dk, s.kraw, W.k_norm, s.rstdk, N * KVH, D, st);
       dkraw = dq;
     }
-    project_backward(dln, true, dkraw, s.ln1, l, LoraTarget::K, h(LoraTarget::K), training, step);
-    project_backward(dln, true, dv, s.ln1, l, LoraTarget::V, h(LoraTarget::V), training, step);
+    project_backward(dln, true, dkraw, s.ln1, l, LoraTarget::K, s, training, step);
+    project_backward(dln, true, dv, s.ln1, l, LoraTarget::V, s, training, step);
     cuda_ops::rmsnorm_backward(dtmp, dln, x, W.attn_norm, s.rstd1, N, C, st);
     cuda_ops::add_bf16_to_f32(dres, dtmp, N * C, st);
   }
@@ -471,10 +558,6 @@ void CudaLlamaModel::finish(const LoraWeights* lora) {
 
   // LoRA: the flat arrays in LoraWeights' layout.
   if (lora != nullptr) {
-    // DoRA has its fp32 CPU reference (ops::dora_*) but no CUDA twin yet.
-    if (lora->config().dora)
-      fail("DoRA (lora.dora, an adapter's use_dora) is not implemented on the CUDA backend yet; use the CPU "
-           "backend (device.backend: cpu, or qlora generate without --device cuda)");
     m.has_lora = true;
     m.lc = lora->config();
     lora_n_ = int64_t(lora->flat_size());
@@ -492,6 +575,7 @@ void CudaLlamaModel::finish(const LoraWeights* lora) {
           m.adapters[size_t(l)][size_t(t)].off_b = lora->B(l, LoraTarget(t)) - lora->flat_params();
           m.adapters[size_t(l)][size_t(t)].rank = lora->rank(l, LoraTarget(t));
           m.adapters[size_t(l)][size_t(t)].scale = lora->scale(l, LoraTarget(t));
+          if (m.lc.dora) m.adapters[size_t(l)][size_t(t)].off_m = lora->M(l, LoraTarget(t)) - lora->flat_params();
         }
     upload_lora(lora->flat_params());
     zero_grad();
@@ -551,6 +635,20 @@ void CudaLlamaModel::download_grads(float* host) const {
   if (lora_n_ == 0) return;
   QLORA_CUDA_CHECK(cudaStreamSynchronize(impl_->ctx.stream()));
   impl_->grads.download(host, size_t(lora_n_));
+}
+
+void CudaLlamaModel::init_dora_magnitudes() {
+  Impl& m = *impl_;
+  if (!m.has_lora || !m.lc.dora) return;
+  for (int64_t l = 0; l < m.cfg.num_hidden_layers; ++l)
+    for (int t = 0; t < kNumLoraTargets; ++t) {
+      if (!m.adapted(l, LoraTarget(t))) continue;
+      const Adapter& ad = m.adapters[size_t(l)][size_t(t)];
+      cuda_ops::dora_weight_norm(m.ctx, master_ + ad.off_m, m.dora_panel, m.lin(l, LoraTarget(t)), master_ + ad.off_a,
+                                 master_ + ad.off_b, ad.scale, ad.rank);
+    }
+  cuda_ops::round_to_bf16(params_bf16_, master_, lora_n_, m.ctx.stream());
+  QLORA_CUDA_CHECK(cudaStreamSynchronize(m.ctx.stream()));
 }
 
 size_t CudaLlamaModel::weight_bytes() const { return impl_->weights.bytes(); }

@@ -8,7 +8,9 @@
 // the LoRA parameters as one flat array in LoraWeights' layout (fp32 master,
 // bf16 copy the products read, fp32 gradients), and one activation arena
 // sized for (max_B, max_T) in the constructor; forward and backward allocate
-// nothing (the op workspace is grown to its largest need up front).
+// nothing (the op workspace is grown to its largest need up front). DoRA's
+// magnitudes are part of the flat LoRA arrays; its norms, product buffers and
+// norm panel are in the arena.
 //
 // Compiled only in CUDA builds (QLORA_HAVE_CUDA).
 #pragma once
@@ -67,6 +69,14 @@ class CudaLlamaModel : public TrainableModel {
   void upload_lora(const float* host);
   void download_lora(float* host) const;
   void download_grads(float* host) const;
+
+  // DoRA: sets every magnitude to the row norms of W + s B A from the current
+  // masters (PEFT's initialisation: with B = 0 the norms of W), computed on
+  // the device, as init_dora_magnitudes (model/llama.h) does on the host (which
+  // needs the host's copy of the base, and the GPU engine keeps none). The
+  // bf16 copies follow; download_lora gives the host the result. No-op
+  // without DoRA. Synchronous.
+  void init_dora_magnitudes();
 
   // Device bytes held: weights, LoRA, activations, op workspace.
   size_t device_bytes() const;

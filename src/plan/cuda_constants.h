@@ -49,5 +49,11 @@ inline constexpr uint64_t paged_optimizer_device_bytes(int64_t params,
   const int64_t slot = params < page_params ? params : page_params;
   return slot <= 0 ? 0 : 2 * 2 * uint64_t(slot) * sizeof(float);
 }
+// DoRA's weight norm on the GPU (kernels/cuda/dora_cuda.h) builds W + s B A
+// in fp32 panels of this many rows (the model's panel: kDoraPanelRows x
+// max(C, I, H x D) floats). More rows than the CPU's 64 (ops::kDoraPanelRows):
+// each panel costs three launches, and a 70B layer has 84K rows; 256 rows of
+// the widest 70B input (28672) are 28 MiB. Not measured yet.
+inline constexpr int64_t kDoraPanelRows = 256;
 
 }  // namespace qlora::plan_cuda

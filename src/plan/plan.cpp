@@ -138,9 +138,6 @@ void validate(const PlanInput& in) {
          rope_scaling_name(c.rope_scaling.type), ")");
   }
   if (in.lora.rank < 1) fail("lora.rank: must be at least 1, got ", in.lora.rank);
-  if (in.lora.dora && in.backend == PlanBackend::cuda)
-    fail("lora.dora: DoRA has no CUDA implementation yet (the CPU backend has it); use device.backend: cpu or "
-         "lora.dora: false");
   std::vector<LoraModuleParams> mp;
   try {
     mp = lora_module_params(c, in.lora);

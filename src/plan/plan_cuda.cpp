@@ -122,7 +122,8 @@ void add_cuda_buffers(MemoryPlan& p) {
   // ---- LoRA and optimizer
   const uint64_t P = p.lora_params;
   add(p, "LoRA", "LoRA A, B", P * kBf16, "bf16", Lifetime::persistent, Place::device,
-      str(P, " params (r x (in + out) per adapted linear)"));
+      str(P, in.lora.dora ? " params (r x (in + out) + the DoRA magnitude (out) per adapted linear)"
+                          : " params (r x (in + out) per adapted linear)"));
   add(p, "LoRA", "LoRA gradients", P * kF32, "fp32", Lifetime::persistent, Place::device,
       "one fp32 per parameter (accumulated over micro-batches in fp32)");
   add(p, "LoRA", "fp32 master copies", P * kF32, "fp32", Lifetime::persistent, Place::device,
@@ -152,8 +153,13 @@ void add_cuda_buffers(MemoryPlan& p) {
   // qwen3's q/k norms keep q and k before the norm (bf16) and their rstd (fp32) too.
   const uint64_t KVH = uint64_t(c.num_key_value_heads);
   const uint64_t qk_norm = c.qk_norm ? N * (kBf16 * (QD + KVD) + kF32 * (H + KVH)) : 0;
+  // DoRA keeps each adapted linear's row norms (fp32, OUT) with the layer's set.
+  uint64_t dora_norms = 0;
+  for (int t = 0; t < kNumLoraTargets; ++t)
+    if (in.lora.dora && in.lora.targets[size_t(t)])
+      dora_norms += kF32 * uint64_t(lora_target_dims(c, LoraTarget(t)).second);
   const uint64_t layer_set =
-      N * (kBf16 * (C + QD + 2 * KVD + QD + C + C + 3 * I + sum_R) + kF32 * (1 + H + 1)) + qk_norm;
+      N * (kBf16 * (C + QD + 2 * KVD + QD + C + C + 3 * I + sum_R) + kF32 * (1 + H + 1)) + qk_norm + dora_norms;
   const uint64_t outputs = (L + 1) * N * C * kBf16;
   if (in.checkpointing) {
     add(p, "activations", "checkpointed layer inputs", outputs, "bf16", Lifetime::per_step, Place::device,
@@ -173,6 +179,11 @@ void add_cuda_buffers(MemoryPlan& p) {
   if (in.lora.dropout > 0.0)
     add(p, "activations", "LoRA dropout input", N * wide * kBf16, "bf16", Lifetime::per_layer, Place::device,
         "B x T x max(C, I, H x D)");
+  if (in.lora.dora)
+    add(p, "activations", "DoRA products + norm panel", 2 * N * wide * kBf16 + kDoraPanelRows * wide * kF32,
+        "mixed", Lifetime::per_layer, Place::device,
+        str("base and LoRA products (B x T x max(C, I, H x D), bf16) and ", kDoraPanelRows,
+            " fp32 rows of W + s B A for the norms"));
   add(p, "activations", "final norm + loss rows", N * (C * kBf16 + 3 * kF32), "mixed", Lifetime::per_step,
       Place::device, "normed output bf16; rstd, loss, lse fp32");
   // A sliding window adds the first visible key of each token (int32).

@@ -34,6 +34,11 @@ class StepEngine {
   virtual void pull() = 0;
   // Host -> device (no-op on the CPU).
   virtual void push() = 0;
+  // DoRA: each magnitude set to the row norms of W + s B A (PEFT's
+  // initialisation), on the host LoraWeights and wherever the engine keeps a
+  // copy. On the GPU the norms are computed on the device: the CUDA engine
+  // keeps no host copy of the base. No-op without DoRA.
+  virtual void init_dora_magnitudes() = 0;
   // Bytes the run holds now, for the progress line and the metrics.
   virtual uint64_t memory_bytes() const = 0;
   // Planned against measured memory, for the end of the run and the report.

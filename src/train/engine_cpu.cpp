@@ -21,6 +21,7 @@ class CpuEngine final : public StepEngine {
   void synchronize() override {}
   void pull() override {}
   void push() override {}
+  void init_dora_magnitudes() override { qlora::init_dora_magnitudes(lora_, w_); }
   uint64_t memory_bytes() const override { return arenas().total(); }
   std::string measured_text(const MemoryPlan& plan) const override { return plan_vs_measured_text(plan, arenas()); }
   std::unique_ptr<TokenGenerator> generator(int64_t max_seq) override {

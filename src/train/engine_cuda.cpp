@@ -133,6 +133,11 @@ class CudaEngine final : public StepEngine {
     }
   }
 
+  void init_dora_magnitudes() override {
+    model_.init_dora_magnitudes();
+    model_.download_lora(lora_.flat_params());
+  }
+
   uint64_t memory_bytes() const override {
     return model_.device_bytes() + m_.bytes() + v_.bytes() + (paged_ ? paged_->device_bytes() : 0);
   }

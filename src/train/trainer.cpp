@@ -157,7 +157,6 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
   // 6: LoRA adapters, fresh (PEFT's init) or continued from an adapter folder.
   LoraWeights lora(cfg, planned.lora);
   lora.init_default(r.train.seed);
-  init_dora_magnitudes(lora, setup.weights);  // DoRA (CPU only: the plan refuses it on CUDA)
   if (r.lora.init != "default") {
     try {
       const LoraWeights from = load_matching_adapter(r.lora.init, lora, cfg);
@@ -173,6 +172,9 @@ RunSummary run_recipe(const Recipe& r, const RunOptions& o) {
                              planned.seq_len, llama_run_options(planned))
           : make_cpu_engine(setup.weights, lora, opt, planned.micro_batch, planned.seq_len,
                             llama_run_options(planned));
+  // DoRA's magnitudes at PEFT's initialisation (an adapter from lora.init
+  // brings its own): by the engine, as the GPU's has no host copy of the base.
+  if (r.lora.init == "default") engine->init_dora_magnitudes();
   TrainableModel& model = engine->model();
   BatchBuffer batch(planned.micro_batch, planned.seq_len);
 
