@@ -613,6 +613,9 @@ TEST(CudaOps, DoraWeightNormMatchesCpuWithinFp32Bounds) {
 TEST(CudaOps, DoraForwardAndBackwardEqualCpuRoundedOnce) {
   QLORA_REQUIRE_GPU();
 }
+TEST(CudaDoraArgs, RejectInvalidArgumentsBeforeAnyDeviceCall) {
+  QLORA_REQUIRE_GPU();
+}
 
 #endif  // QLORA_HAVE_CUDA
 
